@@ -1,0 +1,207 @@
+"""Benchmark every CTAL op backend side by side: ``python -m benchmarks.bench_ops``.
+
+Each (shape, backend, mode) case runs in its own subprocess so that peak memory is honest on
+CPU too (peak RSS growth over the process's state just before the case; on CUDA the allocator's
+peak) and an out-of-memory or crash is recorded as a result instead of ending the run.
+Times are medians over ``--repeats`` runs after ``--warmup``; TFLOP/s use ``ctal.ops.flops`` of the
+backend's algorithm (forward products; fwd+bwd counts three times the forward).
+Writes ``benchmarks/results/ops-<device>-<date>.json`` and a markdown table next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp64": "float64", "fp16": "float16"}
+
+
+def _run_case(case: dict) -> dict:
+    """Runs in the child process: one backend, one shape, one mode."""
+    import torch
+    import ctal
+    from ctal import ops
+
+    dev = torch.device(case["device"])
+    dtype = getattr(torch, DTYPES[case["dtype"]])
+    B, T, C, H, W = case["shape"]
+    torch.manual_seed(0)
+    make = lambda *s: torch.randn(*s, device=dev, dtype=dtype)  # noqa: E731
+    x, v, w, b = make(B, T, C, H, W), make(B, T, C, H, W), make(H * W, T, 3, 3), make(H * W)
+    grad = case["mode"] == "fwdbwd"
+    for t in (x, v, w, b):
+        t.requires_grad_(grad)
+    name = case["backend"]
+    if name == "reference-compiled":
+        fn = torch.compile(ops.reference.ctal_attention)
+        algorithm = "quadratic"
+    else:
+        table = ops.backends()
+        if name not in table:
+            raise ValueError(f"backend must be one of {sorted(table) + ['reference-compiled']}, got {name!r}")
+        algorithm = table[name].algorithm
+        fn = lambda *a: ops.ctal_attention(*a, backend=name)  # noqa: E731
+    dy = torch.randn_like(x)
+
+    def step():
+        y = fn(x, v, w, b)
+        if grad:
+            y.backward(dy)
+            for t in (x, v, w, b):
+                t.grad = None
+        return y
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    # Trigger lazy imports and one-time setup on a tiny problem so they do not count as memory.
+    tiny = [t.detach()[:1, :, :1, :1, :1].clone().requires_grad_(grad) for t in (x, v)]
+    tw, tb = w.detach()[:1].clone().requires_grad_(grad), b.detach()[:1].clone().requires_grad_(grad)
+    if name != "reference-compiled":
+        ty = fn(*tiny, tw, tb)
+        if grad:
+            ty.sum().backward()
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base_cuda = torch.cuda.memory_allocated(dev)
+    times = []
+    for i in range(case["warmup"] + case["repeats"]):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        if i >= case["warmup"]:
+            times.append(time.perf_counter() - t0)
+    if dev.type == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated(dev) - base_cuda) / 2 ** 20
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+    p = ops.Problem(B, T, C, H, W, dtype, dev)
+    flop = ops.flops(algorithm, p, backward=grad)
+    med = statistics.median(times)
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [med] * 4
+    return dict(status="ok", algorithm=algorithm, median_ms=med * 1e3, p20_ms=q[0] * 1e3,
+                p80_ms=q[-1] * 1e3, gflop=flop / 1e9, tflops=flop / med / 1e12, peak_mb=peak_mb)
+
+
+def run_case(case: dict, timeout: float) -> dict:
+    """Runs one case in a fresh interpreter; failures become results."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_ops", "--case", json.dumps(case)]
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root)
+    except subprocess.TimeoutExpired:
+        return dict(case, status=f"timeout>{timeout:.0f}s")
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        err = (out.stderr.strip().splitlines() or ["killed (likely out of memory)"])[-1]
+        status = "oom" if ("out of memory" in err.lower() or out.returncode in (-9, 137)) else "error"
+        return dict(case, status=status, error=err[:300])
+    return dict(case, **json.loads(lines[-1]))
+
+
+def environment(device: str) -> dict:
+    import torch
+    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               python=platform.python_version(), torch=torch.__version__, cpu=platform.processor() or
+               platform.machine(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads())
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda)
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        env["commit"] = None
+    return env
+
+
+def markdown(results: list[dict], env: dict) -> str:
+    where = env.get("gpu") or f"{env['cpu']} ({env['cpu_count']} cores)"
+    lines = [f"CTAL op, {where}, torch {env['torch']}, {env['date'][:10]}", "",
+             "| shape (B,T,C,H,W) | backend | mode | dtype | median ms | TFLOP/s | peak MB | vs reference |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        shape = f"{r['name']} {tuple(r['shape'])}"
+        if r["status"] != "ok":
+            lines.append(f"| {shape} | {r['backend']} | {r['mode']} | {r['dtype']} | {r['status']} | | | |")
+            continue
+        ratio = f"{r['speedup']:.1f}x" if r.get("speedup") else ""
+        lines.append(f"| {shape} | {r['backend']} | {r['mode']} | {r['dtype']} | {r['median_ms']:.2f} | "
+                     f"{r['tflops']:.3f} | {r['peak_mb']:.0f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--shapes", default=None, help="comma list of shape or group names (default: "
+                    "'paper' on cuda, 'cpu' on cpu); see benchmarks/shapes.py")
+    ap.add_argument("--backends", default="all", help="comma list, 'all' = every backend that runs "
+                    "on the device plus reference-compiled")
+    ap.add_argument("--modes", default="fwd,fwdbwd")
+    ap.add_argument("--dtypes", default="fp32")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per case")
+    ap.add_argument("--out", default=str(RESULTS), help="results folder ('' = do not write)")
+    args = ap.parse_args(argv)
+    if args.case:
+        print(json.dumps(_run_case(json.loads(args.case))), flush=True)
+        return []
+
+    import torch
+    from ctal import ops
+    from benchmarks.shapes import resolve
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = resolve((args.shapes or ("paper" if device == "cuda" else "cpu")).split(","))
+    names = (ops.available_backends(device) + ["reference-compiled"] if args.backends == "all"
+             else args.backends.split(","))
+    env = environment(device)
+    results = []
+    cases = [dict(name=s, shape=list(shape), backend=bk, mode=m, dtype=dt, device=device,
+                  repeats=args.repeats, warmup=args.warmup)
+             for s, shape in shapes.items() for dt in args.dtypes.split(",")
+             for m in args.modes.split(",") for bk in names]
+    try:
+        from tqdm import tqdm
+        cases_iter = tqdm(cases, desc="ctal bench", unit="case")
+    except ImportError:
+        cases_iter = cases
+    for case in cases_iter:
+        results.append(run_case(case, args.timeout))
+    # Ratios only between results measured in this same run.
+    for r in results:
+        ref = next((q for q in results if q["backend"] == "reference" and q["name"] == r["name"]
+                    and q["mode"] == r["mode"] and q["dtype"] == r["dtype"] and q["status"] == "ok"), None)
+        if ref and r["status"] == "ok":
+            r["speedup"] = ref["median_ms"] / r["median_ms"]
+    table = markdown(results, env)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        slug = (env.get("gpu") or f"cpu{env['cpu_count']}").replace(" ", "-").lower()
+        stem = out / f"ops-{slug}-{env['date'][:10]}"
+        stem.with_suffix(".json").write_text(json.dumps(dict(env=env, results=results), indent=1))
+        stem.with_suffix(".md").write_text(table)
+        print(f"wrote {stem}.json and .md")
+    return results
+
+
+if __name__ == "__main__":
+    main()

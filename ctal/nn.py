@@ -1,0 +1,92 @@
+"""``CrossTaskAffinity``: the CTAL block as a module (value projections, fusion conv, blend)."""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+
+class CrossTaskAffinity(nn.Module):
+    """Cross-Task Affinity Learning on a fixed ``H x W`` grid.
+
+    Per task ``t``: values ``v_t = proj_t(x_t)`` (3x3 conv, C -> C, with bias); one diffusion
+    matrix ``M`` from all tasks' cosine affinities through a grouped 3x3 conv whose parameters are
+    ``weight (H*W, T, 3, 3)`` and ``bias (H*W,)``; output ``gamma * M v_t + (1 - gamma) * x_t``.
+
+    Args:
+        tasks: task names (or their count; names are then ``"0"``, ``"1"``, ...).
+        channels: feature channels C of every task.
+        size: the feature grid ``(H, W)`` the fusion weights are built for.
+        gamma: blend of the propagated features (the paper uses 0.05).
+        backend: any ``ctal.ops`` backend name, or ``"auto"``.
+    """
+
+    def __init__(self, tasks: Union[Sequence[str], int], channels: int, size: tuple[int, int],
+                 gamma: float = 0.05, backend: str = "auto"):
+        super().__init__()
+        if isinstance(tasks, int):
+            tasks = [str(i) for i in range(tasks)]
+        tasks = list(tasks)
+        if not tasks or len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks must be a non-empty list of distinct names, got {tasks!r}")
+        if not isinstance(channels, int) or channels <= 0:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        if (not isinstance(size, (tuple, list)) or len(size) != 2
+                or not all(isinstance(s, int) and s > 0 for s in size)):
+            raise ValueError(f"size must be a pair of positive ints (H, W), got {size!r}")
+        if backend != "auto" and backend not in ops.backends():
+            raise ValueError(f"backend must be 'auto' or one of {sorted(ops.backends())}, got {backend!r}")
+        self.tasks = tasks
+        self.channels = channels
+        self.size = (int(size[0]), int(size[1]))
+        self.gamma = float(gamma)
+        self.backend = backend
+        T, N = len(tasks), self.size[0] * self.size[1]
+        self.proj = nn.ModuleDict({t: nn.Conv2d(channels, channels, 3, padding=1) for t in tasks})
+        self.weight = nn.Parameter(torch.empty(N, T, 3, 3))
+        self.bias = nn.Parameter(torch.empty(N))
+        self.reset_fusion_parameters()
+
+    def reset_fusion_parameters(self) -> None:
+        """Initialize the fusion weight/bias exactly like ``nn.Conv2d(N*T, N, 3, groups=N)``."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        fan_in = self.weight.shape[1] * 9
+        bound = 1 / math.sqrt(fan_in)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return (f"tasks={self.tasks}, channels={self.channels}, size={self.size}, "
+                f"gamma={self.gamma}, backend={self.backend!r}")
+
+    def _stack(self, x: Union[Mapping[str, Tensor], Tensor]) -> Tensor:
+        if isinstance(x, Mapping):
+            missing = [t for t in self.tasks if t not in x]
+            if missing:
+                raise ValueError(f"missing task features {missing}; expected keys {self.tasks}")
+            x = torch.stack([x[t] for t in self.tasks], dim=1)
+        if not isinstance(x, Tensor) or x.dim() != 5:
+            raise ValueError("x must be a dict of (B, C, H, W) task features or a (B, T, C, H, W) tensor")
+        _, T, C, H, W = x.shape
+        if T != len(self.tasks) or C != self.channels:
+            raise ValueError(f"expected {len(self.tasks)} tasks x {self.channels} channels, got T={T}, C={C}")
+        if (H, W) != self.size:
+            raise ValueError(
+                f"input grid {H}x{W} differs from the {self.size[0]}x{self.size[1]} grid this module's "
+                f"fusion weights were built for; build the module for this size "
+                f"(or resample the weights explicitly)")
+        return x
+
+    def forward(self, x: Union[Mapping[str, Tensor], Tensor]):
+        """``x``: dict task -> ``(B, C, H, W)`` or a ``(B, T, C, H, W)`` tensor; same type back."""
+        as_dict = isinstance(x, Mapping)
+        xs = self._stack(x)
+        v = torch.stack([self.proj[t](xs[:, i]) for i, t in enumerate(self.tasks)], dim=1)
+        y = ops.ctal_attention(xs, v, self.weight, self.bias, backend=self.backend)
+        out = self.gamma * y + (1 - self.gamma) * xs
+        if as_dict:
+            return {t: out[:, i] for i, t in enumerate(self.tasks)}
+        return out

@@ -1,0 +1,226 @@
+"""Backend registry, custom-op registration and the cost model behind ``backend="auto"``.
+
+A *backend* computes the whole CTAL op ``y = M v`` with one *algorithm* (``quadratic``: forms
+affinities tile by tile or literally; ``linear``: the exact re-association of DESIGN.md 1.1) in one
+*implementation* (``pytorch``, ``cpp``, ``triton``, ``cuda``). ``auto`` first picks the algorithm
+with the fewest FLOPs for the shapes, then the best implementation available for the device.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import linear, reference
+
+# Preference among implementations of the same algorithm (higher wins).
+IMPLEMENTATION_RANK = {"pytorch": 0, "cpp": 1, "triton": 2, "cuda": 3}
+# The literal path materializes (T + 2) N x N matrices per batch item; above this many bytes
+# ``auto`` never picks it even when it has fewer FLOPs.
+REFERENCE_MEMORY_LIMIT = 2 * 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """The shape facts a backend decision depends on."""
+    B: int
+    T: int
+    C: int
+    H: int
+    W: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def N(self) -> int:
+        return self.H * self.W
+
+    @classmethod
+    def of(cls, x: Tensor) -> "Problem":
+        B, T, C, H, W = x.shape
+        return cls(B, T, C, H, W, x.dtype, x.device)
+
+
+def flops(algorithm: str, p: Problem, backward: bool = False) -> int:
+    """Multiply-add FLOPs (2 per MAC) of the dominant products of one CTAL call.
+
+    quadratic: T Gram matrices (N*N*C each), the grouped 3x3 conv (N*N*9T), M times V (N*N*T*C).
+    linear: G = K~^T V and Y = Q~ G, each (9TC) x (TC) x N.
+    Backward costs twice the forward's products for both algorithms.
+    """
+    N, T, C = p.N, p.T, p.C
+    if algorithm == "quadratic":
+        f = 2 * p.B * (T * N * N * C + 9 * T * N * N + T * C * N * N)
+    elif algorithm == "linear":
+        f = 2 * p.B * 2 * (9 * T * C) * (T * C) * N
+    else:
+        raise ValueError(f"unknown algorithm {algorithm!r}")
+    return f * 3 if backward else f
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    algorithm: str  # "quadratic" | "linear"
+    implementation: str  # "pytorch" | "cpp" | "triton" | "cuda"
+    fn: Callable[[Tensor, Tensor, Tensor, Optional[Tensor]], Tensor]
+    # Returns None when the backend can run the problem, else the reason it cannot.
+    unsupported: Callable[[Problem], Optional[str]] = lambda p: None
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    if backend.algorithm not in ("quadratic", "linear"):
+        raise ValueError(f"algorithm must be 'quadratic' or 'linear', got {backend.algorithm!r}")
+    if backend.implementation not in IMPLEMENTATION_RANK:
+        raise ValueError(f"implementation must be one of {sorted(IMPLEMENTATION_RANK)}")
+    _BACKENDS[backend.name] = backend
+
+
+def backends() -> dict[str, Backend]:
+    """All registered backends by name (including ones that cannot run on this machine)."""
+    _load_optional_backends()
+    return dict(_BACKENDS)
+
+
+_OPTIONAL_LOADED = False
+
+
+def _load_optional_backends() -> None:
+    """Import the Triton and compiled-extension backends once, if they are installed."""
+    global _OPTIONAL_LOADED
+    if _OPTIONAL_LOADED:
+        return
+    _OPTIONAL_LOADED = True
+    from . import optional
+    optional.load()
+
+
+@dataclasses.dataclass
+class Decision:
+    """What ``auto`` (or an explicit name) resolves to, and why."""
+    backend: str
+    reason: str
+    candidates: list[dict]
+
+    def __str__(self) -> str:
+        lines = [f"backend: {self.backend} ({self.reason})"]
+        for c in self.candidates:
+            status = "ok" if c["unsupported"] is None else f"unavailable: {c['unsupported']}"
+            lines.append(f"  {c['name']:<16} {c['algorithm']:<9} {c['implementation']:<7} "
+                         f"{c['gflops']:10.3f} GFLOP  {status}")
+        return "\n".join(lines)
+
+
+def decide(p: Problem, backend: str = "auto") -> Decision:
+    table = backends()
+    candidates = []
+    for b in table.values():
+        candidates.append(dict(name=b.name, algorithm=b.algorithm, implementation=b.implementation,
+                               gflops=flops(b.algorithm, p) / 1e9, unsupported=b.unsupported(p)))
+    if backend != "auto":
+        if backend not in table:
+            raise ValueError(f"backend must be 'auto' or one of {sorted(table)}, got {backend!r}")
+        why = table[backend].unsupported(p)
+        if why is not None:
+            raise RuntimeError(f"backend {backend!r} cannot run this problem: {why}")
+        return Decision(backend, "requested by name", candidates)
+
+    ok = [c for c in candidates if c["unsupported"] is None]
+    ref_bytes = p.B * (p.T + 2) * p.N * p.N * torch.empty((), dtype=p.dtype).element_size()
+    cost = {a: flops(a, p) for a in ("quadratic", "linear")}
+    algo = min(cost, key=cost.get)
+    reason = f"{algo} has fewer FLOPs ({cost[algo] / 1e9:.3g} vs {max(cost.values()) / 1e9:.3g} GFLOP)"
+    quadratic_impls = [c for c in ok if c["algorithm"] == "quadratic"]
+    only_literal = all(c["name"] == "reference" for c in quadratic_impls)
+    if algo == "quadratic" and only_literal and ref_bytes > REFERENCE_MEMORY_LIMIT:
+        algo = "linear"
+        reason = (f"quadratic needs {ref_bytes / 2 ** 30:.1f} GiB of N x N matrices without a fused "
+                  f"kernel here, linear needs O(N)")
+    pool = [c for c in ok if c["algorithm"] == algo] or ok
+    best = max(pool, key=lambda c: IMPLEMENTATION_RANK[c["implementation"]])
+    return Decision(best["name"], f"{reason}; {best['implementation']} is the best "
+                    f"implementation available on {p.device.type}", candidates)
+
+
+# --- the linear form as an opaque custom op (compile-friendly, explicit backward) -------------
+
+@torch.library.custom_op("ctal::linear_fwd", mutates_args=())
+def _linear_fwd(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    y, g = linear.forward(x, v, weight, bias)
+    return y.contiguous(), g
+
+
+@_linear_fwd.register_fake
+def _(x, v, weight, bias):
+    B, T, C, H, W = x.shape
+    return x.new_empty(B, T, C, H, W), x.new_empty(B, 9 * T * C, T * C)
+
+
+@torch.library.custom_op("ctal::linear_bwd", mutates_args=())
+def _linear_bwd(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor],
+                g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dv, dw, db = linear.backward(dy, x, v, weight, bias, g)
+    if db is None:
+        db = weight.new_zeros(weight.shape[0])
+    return dx.contiguous(), dv.contiguous(), dw.contiguous(), db
+
+
+@_linear_bwd.register_fake
+def _(dy, x, v, weight, bias, g):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            weight.new_empty(weight.shape[0]))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, v, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, v, weight, bias, output[1])
+
+
+def _linear_backward(ctx, dy, dg):
+    # G is an internal by-product; nothing downstream differentiates through it.
+    x, v, weight, bias, g = ctx.saved_tensors
+    dx, dv, dw, db = _linear_bwd(dy, x, v, weight, bias if ctx.has_bias else None, g)
+    return dx, dv, dw, (db if ctx.has_bias else None)
+
+
+_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def linear_attention(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    return _linear_fwd(x, v, weight, bias)[0]
+
+
+register_backend(Backend("reference", "quadratic", "pytorch", reference.ctal_attention))
+register_backend(Backend("linear", "linear", "pytorch", linear_attention))
+
+
+# --- the four stages (affinity, align, diffuse, propagate): implementations by name ------------
+
+STAGES = ("affinity", "align", "diffuse", "propagate")
+_STAGE_IMPLS: dict[str, dict[str, Callable]] = {s: {} for s in STAGES}
+
+
+def register_stage(stage: str, name: str, fn: Callable) -> None:
+    if stage not in _STAGE_IMPLS:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    _STAGE_IMPLS[stage][name] = fn
+
+
+def stage_impl(stage: str, backend: str) -> Callable:
+    _load_optional_backends()
+    impls = _STAGE_IMPLS[stage]
+    if backend not in impls:
+        raise ValueError(f"{stage}: backend must be one of {sorted(impls)}, got {backend!r}")
+    return impls[backend]
+
+
+for _stage in STAGES:
+    register_stage(_stage, "reference", getattr(reference, _stage))

@@ -1,0 +1,69 @@
+"""Input checks shared by every CTAL entry point: clear errors instead of kernel crashes."""
+from __future__ import annotations
+
+import torch
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _tensor(name: str, t, rank: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT:
+        raise TypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+    return t
+
+
+def _finite(name: str, t: torch.Tensor) -> None:
+    if torch.compiler.is_compiling():  # data-dependent checks would break fullgraph capture
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def _same_kind(ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; use one dtype")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def features(x, name: str = "x") -> tuple[int, int, int, int, int]:
+    """Check a ``(B, T, C, H, W)`` feature tensor; returns its shape."""
+    _tensor(name, x, 5)
+    B, T, C, H, W = x.shape
+    if min(B, T, C, H, W) == 0:
+        raise ValueError(f"{name} must be non-empty (B, T, C, H, W), got shape {tuple(x.shape)}")
+    _finite(name, x)
+    return B, T, C, H, W
+
+
+def fusion_params(weight, bias, T: int, H: int, W: int, like: torch.Tensor) -> None:
+    """Check the grouped-conv fusion weight ``(H*W, T, 3, 3)`` and bias ``(H*W,)``."""
+    _tensor("weight", weight, 4)
+    if tuple(weight.shape) != (H * W, T, 3, 3):
+        raise ValueError(
+            f"weight must have shape (H*W, T, 3, 3) = ({H * W}, {T}, 3, 3) for a {H}x{W} grid "
+            f"and {T} tasks, got {tuple(weight.shape)}")
+    _same_kind("x", like, "weight", weight)
+    _finite("weight", weight)
+    if bias is not None:
+        _tensor("bias", bias, 1)
+        if bias.shape[0] != H * W:
+            raise ValueError(f"bias must have shape (H*W,) = ({H * W},), got {tuple(bias.shape)}")
+        _same_kind("x", like, "bias", bias)
+        _finite("bias", bias)
+
+
+def attention_inputs(x, v, weight, bias) -> tuple[int, int, int, int, int]:
+    """Check all inputs of ``ctal_attention``; returns ``(B, T, C, H, W)``."""
+    B, T, C, H, W = features(x, "x")
+    _tensor("v", v, 5)
+    if tuple(v.shape) != tuple(x.shape):
+        raise ValueError(f"v must have the same (B, T, C, H, W) as x {tuple(x.shape)}, got {tuple(v.shape)}")
+    _same_kind("x", x, "v", v)
+    _finite("v", v)
+    fusion_params(weight, bias, T, H, W, x)
+    return B, T, C, H, W

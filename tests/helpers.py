@@ -1,0 +1,33 @@
+"""Shared test utilities: random CTAL problems and the DESIGN.md error measure."""
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """norm(a - b) / norm(b); NaN anywhere never passes."""
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("inf")
+    denom = b.detach().double().norm().clamp_min(1e-300)
+    return float((a.detach().double() - b.detach().double()).norm() / denom)
+
+
+def problem(B, T, C, H, W, dtype=torch.float64, bias=True, seed=None, device="cpu"):
+    """Random inputs of ``ctal_attention`` (fresh per call unless ``seed`` is given)."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=dtype).to(device)  # noqa: E731
+    x, v = mk(B, T, C, H, W), mk(B, T, C, H, W)
+    w = mk(H * W, T, 3, 3)
+    b = mk(H * W) if bias else None
+    return x, v, w, b
+
+
+# Odd shapes the correctness policy asks for: (B, T, C, H, W).
+ODD_SHAPES = [
+    (1, 1, 3, 5, 7),
+    (2, 2, 4, 5, 7),
+    (1, 3, 5, 1, 9),
+    (2, 4, 3, 6, 1),
+    (1, 5, 16, 3, 4),
+    (3, 3, 8, 4, 5),
+]

@@ -1,0 +1,79 @@
+"""CrossTaskAffinity: the module equals the hand-composed stages, for every backend."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ctal
+from ctal import ops
+from helpers import rel_err
+
+BACKENDS = ops.available_backends("cpu")
+
+
+def _by_hand(mod, x):
+    """gamma * M v + (1 - gamma) x with M built stage by stage."""
+    H, W = mod.size
+    v = torch.stack([F.conv2d(x[:, i], mod.proj[t].weight, mod.proj[t].bias, padding=1)
+                     for i, t in enumerate(mod.tasks)], 1)
+    m = ops.diffuse(ops.align(ops.affinity(x), (H, W)), mod.weight, mod.bias)
+    return mod.gamma * ops.propagate(m, v) + (1 - mod.gamma) * x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_equals_stage_composition(backend):
+    torch.manual_seed(0)
+    mod = ctal.CrossTaskAffinity(["semseg", "depth", "normals"], 5, (5, 7), backend=backend).double()
+    x = torch.randn(2, 3, 5, 7 * 1, 7, dtype=torch.float64)[:, :, :, :5]  # non-contiguous
+    out = mod(x)
+    assert rel_err(out, _by_hand(mod, x)) < 1e-10
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_module_gradients_match_reference(backend):
+    torch.manual_seed(1)
+    ref = ctal.CrossTaskAffinity(3, 4, (3, 5), backend="reference").double()
+    alt = ctal.CrossTaskAffinity(3, 4, (3, 5), backend=backend).double()
+    alt.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 4, 3, 5, dtype=torch.float64)
+    xr, xa = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    ref(xr).backward(g)
+    alt(xa).backward(g)
+    assert rel_err(xa.grad, xr.grad) < 1e-10
+    for (name, pr), pa in zip(ref.named_parameters(), alt.parameters()):
+        assert rel_err(pa.grad, pr.grad) < 1e-10, name  # projections, fusion weight and bias
+
+
+def test_dict_input_round_trip():
+    mod = ctal.CrossTaskAffinity(["a", "b"], 3, (4, 4))
+    feats = {"a": torch.randn(1, 3, 4, 4), "b": torch.randn(1, 3, 4, 4)}
+    out = mod(feats)
+    assert set(out) == {"a", "b"} and out["a"].shape == (1, 3, 4, 4)
+    stacked = mod(torch.stack([feats["a"], feats["b"]], 1))
+    assert torch.allclose(out["b"], stacked[:, 1])
+
+
+def test_parameter_shapes_match_grouped_conv():
+    mod = ctal.CrossTaskAffinity(4, 8, (6, 9))
+    conv = torch.nn.Conv2d(54 * 4, 54, 3, padding=1, groups=54)
+    assert mod.weight.shape == conv.weight.shape and mod.bias.shape == conv.bias.shape
+    # Same init distribution bound as the conv (kaiming-uniform, fan_in = T * 9).
+    assert mod.weight.abs().max() <= conv.weight.abs().max() * 1.5
+
+
+def test_module_errors():
+    mod = ctal.CrossTaskAffinity(["a", "b"], 3, (4, 4))
+    with pytest.raises(ValueError, match="input grid 5x4 differs from the 4x4 grid"):
+        mod(torch.randn(1, 2, 3, 5, 4))
+    with pytest.raises(ValueError, match=r"missing task features \['b'\]"):
+        mod({"a": torch.randn(1, 3, 4, 4)})
+    with pytest.raises(ValueError, match="expected 2 tasks x 3 channels"):
+        mod(torch.randn(1, 2, 4, 4, 4))
+    with pytest.raises(ValueError, match="size must be a pair"):
+        ctal.CrossTaskAffinity(2, 3, (4,))
+    with pytest.raises(ValueError, match="backend must be"):
+        ctal.CrossTaskAffinity(2, 3, (4, 4), backend="nope")
+    with pytest.raises(ValueError, match="distinct"):
+        ctal.CrossTaskAffinity(["a", "a"], 3, (4, 4))
