@@ -31,3 +31,11 @@ ODD_SHAPES = [
     (1, 5, 16, 3, 4),
     (3, 3, 8, 4, 5),
 ]
+
+
+def fast_cpu_backends(include_reference: bool = False) -> list[str]:
+    """Backends that run natively on this CPU (PyTorch and the compiled C++ extension). The Triton
+    backends run here only under the slow interpreter and are tested in test_triton.py."""
+    from ctal import ops
+    names = [n for n in ops.available_backends("cpu") if ops.backends()[n].implementation in ("pytorch", "cpp")]
+    return [n for n in names if include_reference or n != "reference"]

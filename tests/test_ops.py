@@ -7,9 +7,9 @@ import torch
 import ctal
 from ctal import ops
 from ctal.ops import reference
-from helpers import ODD_SHAPES, problem, rel_err
+from helpers import ODD_SHAPES, fast_cpu_backends, problem, rel_err
 
-CPU_BACKENDS = [b for b in ops.available_backends("cpu") if b != "reference"]
+CPU_BACKENDS = fast_cpu_backends()
 
 
 def _grads(fn, x, v, w, b, dy):
@@ -109,17 +109,19 @@ def test_stage_math_by_hand():
         assert torch.allclose(ops.ctal_attention(x, v, w, b, backend=backend)[0], y, atol=1e-12), backend
 
 
-def test_gradcheck_linear():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck(backend):
     x, v, w, b = problem(1, 2, 3, 3, 4)
     inputs = tuple(t.requires_grad_() for t in (x, v, w, b))
-    assert torch.autograd.gradcheck(lambda *a: ops.ctal_attention(*a, backend="linear"), inputs)
+    assert torch.autograd.gradcheck(lambda *a: ops.ctal_attention(*a, backend=backend), inputs)
 
 
-def test_opcheck_linear_custom_op():
+@pytest.mark.parametrize("op", ["linear", "quadratic"])
+def test_opcheck_custom_ops(op):
     x, v, w, b = problem(1, 2, 3, 3, 4)
     for args in [(x, v, w, b), (x, v, w, None)]:
         args = tuple(t.requires_grad_() if t is not None else None for t in args)
-        torch.library.opcheck(torch.ops.ctal.linear_fwd.default, args)
+        torch.library.opcheck(getattr(torch.ops.ctal, f"{op}_fwd").default, args)
 
 
 def test_compile_fullgraph():
@@ -154,12 +156,16 @@ def test_auto_picks_by_cost_and_explains():
     assert "FLOP" in large.reason and "linear" in str(large)
     assert {c["name"] for c in large.candidates} >= {"reference", "linear"}
     assert ops.explain(torch.zeros(1, 3, 128, 72, 96), backend="reference").backend == "reference"
+    # The literal path is the ground truth, never an automatic choice while another backend runs.
+    assert all(ops.explain(torch.zeros(1, 2, c, h, h)).backend != "reference" for c in (1, 64) for h in (2, 40))
 
 
 def test_auto_avoids_huge_literal_matrices():
-    # Quadratic has fewer FLOPs here (C tiny) but the literal N x N matrices would not fit.
-    d = ops.dispatch.decide(ops.Problem(8, 3, 2, 120, 160, torch.float32, torch.device("cpu")))
-    assert d.backend != "reference"
+    # Quadratic has fewer FLOPs at this N (< 9TC) but B x N x N buffers would take ~3.4 GiB.
+    p = ops.Problem(32, 3, 128, 48, 64, torch.float32, torch.device("cpu"))
+    assert ops.flops("quadratic", p) < ops.flops("linear", p)
+    d = ops.dispatch.decide(p)
+    assert ops.backends()[d.backend].algorithm == "linear" and "GiB" in d.reason
 
 
 def test_flops_formulas():
@@ -202,7 +208,7 @@ def _bad(**over):
     (dict(weight=torch.full((20, 2, 3, 3), float("nan"))), ValueError, "weight contains NaN"),
     (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
 ])
-@pytest.mark.parametrize("backend", ["auto", "reference", "linear"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "quadratic", "linear"])
 def test_bad_input_errors(over, err, match, backend):
     with pytest.raises(err, match=match):
         ops.ctal_attention(**_bad(**over), backend=backend)

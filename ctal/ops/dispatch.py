@@ -13,13 +13,13 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import linear, reference
+from . import linear, quadratic, reference
 
 # Preference among implementations of the same algorithm (higher wins).
 IMPLEMENTATION_RANK = {"pytorch": 0, "cpp": 1, "triton": 2, "cuda": 3}
-# The literal path materializes (T + 2) N x N matrices per batch item; above this many bytes
-# ``auto`` never picks it even when it has fewer FLOPs.
-REFERENCE_MEMORY_LIMIT = 2 * 1024 ** 3
+# Unfused quadratic backends hold a few B x N x N buffers; above this many bytes ``auto`` picks
+# the linear form (or a fused kernel) even when quadratic has fewer FLOPs.
+NXN_MEMORY_LIMIT = 2 * 1024 ** 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +68,10 @@ class Backend:
     fn: Callable[[Tensor, Tensor, Tensor, Optional[Tensor]], Tensor]
     # Returns None when the backend can run the problem, else the reason it cannot.
     unsupported: Callable[[Problem], Optional[str]] = lambda p: None
+    # False for the literal reference: ``auto`` uses it only when nothing else can run.
+    auto_eligible: bool = True
+    # True when the backend holds N x N matrices (then ``auto`` avoids it for huge N).
+    materializes_nxn: bool = False
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -130,75 +134,95 @@ def decide(p: Problem, backend: str = "auto") -> Decision:
             raise RuntimeError(f"backend {backend!r} cannot run this problem: {why}")
         return Decision(backend, "requested by name", candidates)
 
-    ok = [c for c in candidates if c["unsupported"] is None]
-    ref_bytes = p.B * (p.T + 2) * p.N * p.N * torch.empty((), dtype=p.dtype).element_size()
+    # Triton on CPU tensors means the (very slow) interpreter: a testing tool, never an auto choice.
+    ok = [c for c in candidates if c["unsupported"] is None and table[c["name"]].auto_eligible
+          and not (p.device.type == "cpu" and c["implementation"] == "triton")]
+    ok = ok or [c for c in candidates if c["unsupported"] is None]
+    nxn_bytes = 3 * p.B * p.N * p.N * torch.empty((), dtype=p.dtype).element_size()
     cost = {a: flops(a, p) for a in ("quadratic", "linear")}
     algo = min(cost, key=cost.get)
     reason = f"{algo} has fewer FLOPs ({cost[algo] / 1e9:.3g} vs {max(cost.values()) / 1e9:.3g} GFLOP)"
     quadratic_impls = [c for c in ok if c["algorithm"] == "quadratic"]
-    only_literal = all(c["name"] == "reference" for c in quadratic_impls)
-    if algo == "quadratic" and only_literal and ref_bytes > REFERENCE_MEMORY_LIMIT:
-        algo = "linear"
-        reason = (f"quadratic needs {ref_bytes / 2 ** 30:.1f} GiB of N x N matrices without a fused "
-                  f"kernel here, linear needs O(N)")
-    pool = [c for c in ok if c["algorithm"] == algo] or ok
+    if algo == "quadratic" and nxn_bytes > NXN_MEMORY_LIMIT:
+        quadratic_impls = [c for c in quadratic_impls if not table[c["name"]].materializes_nxn]
+        if not quadratic_impls:
+            algo = "linear"
+            reason = (f"quadratic needs ~{nxn_bytes / 2 ** 30:.1f} GiB of N x N buffers without a fused "
+                      f"kernel here, linear needs O(N)")
+    pool = ([c for c in ok if c["algorithm"] == algo and (algo == "linear" or c in quadratic_impls)]
+            or ok)
     best = max(pool, key=lambda c: IMPLEMENTATION_RANK[c["implementation"]])
     return Decision(best["name"], f"{reason}; {best['implementation']} is the best "
                     f"implementation available on {p.device.type}", candidates)
 
 
-# --- the linear form as an opaque custom op (compile-friendly, explicit backward) -------------
+# --- PyTorch algorithms with explicit backward, as opaque custom ops --------------------------
+# Each algorithm module has ``forward(x, v, w, b) -> (y, saved)`` and
+# ``backward(dy, x, v, w, b, saved) -> (dx, dv, dw, db)``; ``saved`` is a by-product forward
+# already computed (G for linear, M for quadratic) that backward reuses.
 
-@torch.library.custom_op("ctal::linear_fwd", mutates_args=())
-def _linear_fwd(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    y, g = linear.forward(x, v, weight, bias)
-    return y.contiguous(), g
+def explicit_op(name: str, module, saved_shape: Callable[[Tensor], tuple]) -> Callable:
+    """Register ``ctal::<name>_fwd`` / ``ctal::<name>_bwd`` (fake + autograd) and return the
+    ``(x, v, weight, bias) -> y`` entry point. Kernel backends reuse this for their own bodies."""
+
+    @torch.library.custom_op(f"ctal::{name}_fwd", mutates_args=())
+    def fwd(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        y, saved = module.forward(x, v, weight, bias)
+        return y.contiguous(), saved.contiguous()
+
+    @fwd.register_fake
+    def _(x, v, weight, bias):
+        return x.new_empty(x.shape), x.new_empty(saved_shape(x))
+
+    @torch.library.custom_op(f"ctal::{name}_bwd", mutates_args=())
+    def bwd(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor],
+            saved: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        dx, dv, dw, db = module.backward(dy, x, v, weight, bias, saved)
+        if db is None:  # custom ops cannot return None; setup below drops it again
+            db = weight.new_zeros(weight.shape[0])
+        return dx.contiguous(), dv.contiguous(), dw.contiguous(), db
+
+    @bwd.register_fake
+    def _(dy, x, v, weight, bias, saved):
+        return x.new_empty(x.shape), v.new_empty(v.shape), weight.new_empty(weight.shape), \
+            weight.new_empty(weight.shape[0])
+
+    def setup(ctx, inputs, output):
+        x, v, weight, bias = inputs
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, v, weight, bias, output[1])
+
+    def backward(ctx, dy, dsaved):
+        # ``saved`` is internal; nothing downstream differentiates through it.
+        x, v, weight, bias, saved = ctx.saved_tensors
+        dx, dv, dw, db = bwd(dy.contiguous(), x, v, weight, bias if ctx.has_bias else None, saved)
+        return dx, dv, dw, (db if ctx.has_bias else None)
+
+    fwd.register_autograd(backward, setup_context=setup)
+
+    def attention(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        return fwd(x, v, weight, bias)[0]
+
+    attention.__name__ = f"{name}_attention"
+    return attention
 
 
-@_linear_fwd.register_fake
-def _(x, v, weight, bias):
-    B, T, C, H, W = x.shape
-    return x.new_empty(B, T, C, H, W), x.new_empty(B, 9 * T * C, T * C)
+def _linear_saved(x):
+    B, T, C = x.shape[:3]
+    return (B, 9 * T * C, T * C)
 
 
-@torch.library.custom_op("ctal::linear_bwd", mutates_args=())
-def _linear_bwd(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor],
-                g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dv, dw, db = linear.backward(dy, x, v, weight, bias, g)
-    if db is None:
-        db = weight.new_zeros(weight.shape[0])
-    return dx.contiguous(), dv.contiguous(), dw.contiguous(), db
+def _quadratic_saved(x):
+    B, N = x.shape[0], x.shape[3] * x.shape[4]
+    return (B, N, N)
 
 
-@_linear_bwd.register_fake
-def _(dy, x, v, weight, bias, g):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format),
-            weight.new_empty(weight.shape[0]))
+linear_attention = explicit_op("linear", linear, _linear_saved)
+quadratic_attention = explicit_op("quadratic", quadratic, _quadratic_saved)
 
-
-def _linear_setup(ctx, inputs, output):
-    x, v, weight, bias = inputs
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, v, weight, bias, output[1])
-
-
-def _linear_backward(ctx, dy, dg):
-    # G is an internal by-product; nothing downstream differentiates through it.
-    x, v, weight, bias, g = ctx.saved_tensors
-    dx, dv, dw, db = _linear_bwd(dy, x, v, weight, bias if ctx.has_bias else None, g)
-    return dx, dv, dw, (db if ctx.has_bias else None)
-
-
-_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
-
-
-def linear_attention(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    return _linear_fwd(x, v, weight, bias)[0]
-
-
-register_backend(Backend("reference", "quadratic", "pytorch", reference.ctal_attention))
+register_backend(Backend("reference", "quadratic", "pytorch", reference.ctal_attention,
+                         auto_eligible=False, materializes_nxn=True))
+register_backend(Backend("quadratic", "quadratic", "pytorch", quadratic_attention, materializes_nxn=True))
 register_backend(Backend("linear", "linear", "pytorch", linear_attention))
 
 

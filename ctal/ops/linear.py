@@ -89,7 +89,11 @@ def backward(dy: torch.Tensor, x: torch.Tensor, v: torch.Tensor, weight: torch.T
     dweight = (dq * n.unsqueeze(1)).sum((0, 3))  # [9, T, H, W]
     dweight = dweight.permute(2, 3, 1, 0).reshape(N, T, 3, 3)
     dn = (dq * wgrid).sum(1) + _unshift(dk)
-    # n = x / max(||x||, eps): the clamp passes no gradient to the norm below eps.
+    return normalize_backward(dn, n, norm), dvm.reshape(B, T, C, H, W), dweight, dbias
+
+
+def normalize_backward(dn: torch.Tensor, n: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """Gradient through ``n = x / max(||x||, eps)`` (channels on dim 2); the clamp passes no
+    gradient to the norm below eps."""
     proj = (n * dn).sum(2, keepdim=True)
-    dx = (dn - torch.where(norm > NORM_EPS, n * proj, torch.zeros_like(proj))) / norm
-    return dx, dvm.reshape(B, T, C, H, W), dweight, dbias
+    return (dn - torch.where(norm > NORM_EPS, n * proj, torch.zeros_like(proj))) / norm

@@ -1,0 +1,158 @@
+"""Shared machinery of the ctal datasets: task selection, file reading with clear errors, and the
+per-sample pipeline (augmentation on training data only -> optional resize -> normalization)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..tasks import TASKS
+from .transforms import Normalize, Resize, build_augmentation
+
+__all__ = ["MultiTaskDataset", "DataFileError", "read_npy", "read_image", "select_tasks"]
+
+
+class DataFileError(ValueError):
+    """A dataset file is missing, unreadable or has the wrong shape/values; the message names it."""
+
+
+def read_npy(path: Path) -> np.ndarray:
+    """``np.load`` with an error that names the file (missing, truncated, not an .npy)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"missing file: {path}")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise DataFileError(f"corrupt or unreadable .npy file {path}: {e}") from e
+    if not isinstance(arr, np.ndarray):
+        raise DataFileError(f"{path} holds {type(arr).__name__}, expected one array")
+    return arr
+
+
+def npy_shape(path: Path) -> tuple:
+    """Shape from an .npy header without reading the data (cheap up-front checks)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"missing file: {path}")
+    try:
+        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+    except Exception as e:  # noqa: BLE001
+        raise DataFileError(f"corrupt or unreadable .npy file {path}: {e}") from e
+
+
+def read_image(path: Path, mode: Optional[str] = "RGB") -> np.ndarray:
+    """Read an image file with PIL into a numpy array; errors name the file."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"missing file: {path}")
+    try:
+        with Image.open(path) as im:
+            if mode is not None:
+                im = im.convert(mode)
+            return np.array(im)
+    except Exception as e:  # noqa: BLE001
+        raise DataFileError(f"corrupt or unreadable image {path}: {e}") from e
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image from its header only."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"missing file: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except Exception as e:  # noqa: BLE001
+        raise DataFileError(f"corrupt or unreadable image {path}: {e}") from e
+
+
+def select_tasks(tasks: Optional[Iterable[str]], available: Sequence[str], default: Sequence[str],
+                 dataset: str) -> tuple[str, ...]:
+    if tasks is None:
+        return tuple(default)
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    tasks = tuple(tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; ctal tasks are {TASKS}")
+    missing = [t for t in tasks if t not in available]
+    if missing:
+        raise ValueError(f"dataset {dataset!r} has no {missing}; it provides {tuple(available)}")
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks must be a non-empty list of distinct names, got {tasks!r}")
+    return tasks
+
+
+class MultiTaskDataset(Dataset):
+    """Base class: subclasses implement ``__len__`` and ``_load(index) -> raw sample`` (tensors in
+    the ``ctal/tasks.py`` layout, image in [0, 1], no "meta"); this class adds augmentation (only
+    when ``split == "train"``), resizing to ``size`` and ImageNet normalization."""
+
+    name = "dataset"
+    default_augmentation = "scale_crop"
+    inverse_depth = False
+
+    def __init__(self, root, split: str, tasks: Sequence[str], num_classes: Mapping[str, int],
+                 size: tuple[int, int], augment=None, resize: Optional[Sequence[int]] = None,
+                 normalize: bool = True):
+        self.root = Path(root)
+        self.split = split
+        self.tasks = tuple(tasks)
+        self.num_classes = {t: int(n) for t, n in num_classes.items() if t in self.tasks}
+        self.size = (int(resize[0]), int(resize[1])) if resize is not None else tuple(size)
+        self.augment = (build_augmentation(augment, self.default_augmentation, self.inverse_depth)
+                        if split == "train" else None)
+        self._resize = Resize(resize) if resize is not None else None
+        self._normalize = Normalize() if normalize else None
+
+    def _load(self, index: int) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _name(self, index: int) -> str:
+        return str(index)
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self.name} {self.split} ({len(self)} samples)")
+        index = index % len(self)
+        sample = self._load(index)
+        orig = tuple(sample["image"].shape[-2:])
+        if self._resize is not None:
+            sample = self._resize(sample)
+        if self.augment is not None:
+            sample = self.augment(sample)
+        if self._normalize is not None:
+            sample = self._normalize(sample)
+        sample["meta"] = {"index": index, "size": orig, "name": self._name(index)}
+        return sample
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, "
+                f"tasks={self.tasks}, size={self.size}, augment={self.augment!r})")
+
+
+def to_label_tensor(arr: np.ndarray, num_classes: int, void_values: Iterable[int], path) -> torch.Tensor:
+    """Class-id array -> int64 tensor with void -> IGNORE_INDEX; checks the id range."""
+    from ..tasks import IGNORE_INDEX
+
+    a = np.asarray(arr)
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all() or (a != np.round(a)).any():
+            raise DataFileError(f"{path}: class ids must be integers, found non-integer values")
+    a = a.astype(np.int64)
+    for v in void_values:
+        a[a == v] = IGNORE_INDEX
+    bad = (a != IGNORE_INDEX) & ((a < 0) | (a >= num_classes))
+    if bad.any():
+        raise DataFileError(f"{path}: class id {int(a[bad][0])} outside [0, {num_classes}) "
+                            f"(void values {list(void_values)})")
+    return torch.from_numpy(a)

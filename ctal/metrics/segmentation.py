@@ -1,0 +1,67 @@
+"""Semantic / human-parts segmentation: confusion matrix over the whole set -> mIoU, pixel acc."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..tasks import IGNORE_INDEX
+
+
+class SegMeter:
+    """Accumulates a ``num_classes x num_classes`` confusion matrix (rows = truth, cols = prediction).
+
+    ``update(pred, target)``: ``pred`` is logits ``(B, C, H, W)`` (argmax over C) or class ids
+    ``(B, H, W)``; ``target`` is ``(B, H, W)`` with ``ignore_index`` for void.
+
+    ``compute()`` returns (in percent): ``mIoU`` = mean over classes that occur in the truth or the
+    prediction of ``TP / (TP + FP + FN)`` (a class absent from both has no defined IoU and is
+    left out), ``pixel_acc`` = correct / valid pixels, and the per-class ``iou`` list (``nan`` for
+    absent classes).
+    """
+
+    higher_is_better = {"mIoU": True, "pixel_acc": True}
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.reset()
+
+    def reset(self) -> None:
+        self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        if target.dim() == 4 and target.shape[1] == 1:
+            target = target[:, 0]
+        if pred.dim() == 4:
+            if pred.shape[1] != self.num_classes:
+                raise ValueError(f"SegMeter: prediction has {pred.shape[1]} channels, expected {self.num_classes}")
+            pred = pred.argmax(1)
+        if pred.shape != target.shape:
+            raise ValueError(f"SegMeter: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        pred = pred.reshape(-1).long().cpu()
+        target = target.reshape(-1).long().cpu()
+        valid = target != self.ignore_index
+        pred, target = pred[valid], target[valid]
+        if ((target < 0) | (target >= self.num_classes)).any():
+            bad = target[(target < 0) | (target >= self.num_classes)][0]
+            raise ValueError(f"SegMeter: target class {int(bad)} outside [0, {self.num_classes})")
+        if ((pred < 0) | (pred >= self.num_classes)).any():
+            raise ValueError(f"SegMeter: predicted class outside [0, {self.num_classes})")
+        idx = target * self.num_classes + pred
+        self.confusion += torch.bincount(idx, minlength=self.num_classes ** 2).view(self.num_classes,
+                                                                                   self.num_classes)
+
+    def compute(self) -> dict:
+        cm = self.confusion.double()
+        tp = cm.diag()
+        union = cm.sum(0) + cm.sum(1) - tp
+        iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+        present = union > 0
+        total = cm.sum()
+        if total == 0:
+            raise ValueError("SegMeter.compute(): no valid pixels were seen")
+        return {"mIoU": float(iou[present].mean() * 100), "pixel_acc": float(tp.sum() / total * 100),
+                "iou": [float(x * 100) for x in iou]}

@@ -1,0 +1,248 @@
+"""Every metric against answers computed by hand on tiny inputs (derivations in the comments)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ctal.metrics import (DepthMeter, EdgeMeter, MultiTaskMeter, NormalsMeter, SaliencyMeter, SegMeter,
+                          build_meters, delta_m, load_baselines, save_baselines)
+
+
+# ----------------------------------------------------------------------------- segmentation
+def test_seg_meter_hand_computed():
+    # valid (truth, pred) pairs: (0,0) (0,1) (1,1) (1,1) (2,0); the -1 pixel is void
+    # class 0: TP 1, FN 1, FP 1 -> 1/3; class 1: TP 2, FP 1 -> 2/3; class 2: TP 0, FN 1 -> 0
+    # class 3 never occurs -> excluded;  mIoU = (1/3 + 2/3 + 0) / 3;  pixel acc = 3/5
+    target = torch.tensor([[[0, 0, 1], [1, 2, -1]]])
+    pred = torch.tensor([[[0, 1, 1], [1, 0, 3]]])
+    m = SegMeter(4)
+    m.update(pred, target)
+    r = m.compute()
+    assert r["mIoU"] == pytest.approx(100 / 3)
+    assert r["pixel_acc"] == pytest.approx(60.0)
+    assert r["iou"][:3] == pytest.approx([100 / 3, 200 / 3, 0.0])
+    assert math.isnan(r["iou"][3])
+
+
+def test_seg_meter_accumulates_over_the_set_not_per_batch():
+    # batch A: truth [0, 0] pred [0, 0]; batch B: truth [1, 1, 1, 1] pred [1, 0, 0, 0]
+    # set confusion: class 0 TP 2 FP 3 -> 2/5; class 1 TP 1 FN 3 -> 1/4; mIoU 0.325; acc 3/6
+    m = SegMeter(2)
+    m.update(torch.tensor([[[0, 0]]]), torch.tensor([[[0, 0]]]))
+    logits = torch.tensor([[[[0.0, 1, 1, 1]], [[1.0, 0, 0, 0]]]])  # argmax -> [1, 0, 0, 0]
+    m.update(logits, torch.tensor([[[1, 1, 1, 1]]]))
+    r = m.compute()
+    assert r["mIoU"] == pytest.approx(32.5)
+    assert r["pixel_acc"] == pytest.approx(50.0)
+
+
+def test_seg_meter_errors():
+    m = SegMeter(3)
+    with pytest.raises(ValueError, match="channels"):
+        m.update(torch.zeros(1, 4, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="target class 5"):
+        m.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.full((1, 2, 2), 5))
+    with pytest.raises(ValueError, match="no valid pixels"):
+        SegMeter(3).compute()
+
+
+# ----------------------------------------------------------------------------- depth
+def test_depth_meter_pixel_accumulated():
+    # batch 1 valid diffs (target 0 is invalid): -1 (t=2), 2 (t=1), 0 (t=4)
+    # batch 2: diff 4 (t=1).  n = 4
+    # abs = (1 + 2 + 0 + 4) / 4; rel = (1/2 + 2 + 0 + 4) / 4; rmse = sqrt((1 + 4 + 0 + 16) / 4)
+    m = DepthMeter()
+    m.update(torch.tensor([1.0, 2, 3, 4]).view(1, 1, 1, 4), torch.tensor([2.0, 0, 1, 4]).view(1, 1, 1, 4))
+    m.update(torch.tensor([5.0]).view(1, 1, 1, 1), torch.tensor([1.0]).view(1, 1, 1, 1))
+    r = m.compute()
+    assert r["abs_err"] == pytest.approx(7 / 4)
+    assert r["rel_err"] == pytest.approx(6.5 / 4)
+    assert r["rmse"] == pytest.approx(math.sqrt(21 / 4))
+
+
+def test_depth_meter_shape_error():
+    with pytest.raises(ValueError, match="DepthMeter"):
+        DepthMeter().update(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 3))
+
+
+# ----------------------------------------------------------------------------- normals
+def _normals(vectors):
+    return torch.tensor(vectors, dtype=torch.float32).T.reshape(1, 3, 1, len(vectors))
+
+
+def test_normals_meter_hand_computed():
+    # angles 0, 90, 45, 180 (predictions are normalized first); the last target is invalid
+    pred = _normals([[2, 0, 0], [0, 3, 0], [1, 1, 0], [-1, 0, 0], [0, 0, 1]])
+    target = _normals([[1, 0, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0], [0, 0, 0]])
+    m = NormalsMeter()
+    m.update(pred, target)
+    r = m.compute()
+    assert r["mean"] == pytest.approx(315 / 4)
+    assert r["median"] == pytest.approx((45 + 90) / 2, abs=1e-3)   # even count: mean of the middle two
+    assert r["rmse"] == pytest.approx(math.sqrt((0 + 45 ** 2 + 90 ** 2 + 180 ** 2) / 4))
+    assert r["11.25"] == pytest.approx(25.0)
+    assert r["22.5"] == pytest.approx(25.0)
+    assert r["30"] == pytest.approx(25.0)
+
+
+def test_normals_meter_thresholds_and_odd_median():
+    # angles 10, 20, 29 degrees in the x-y plane: within 11.25 -> 1/3, 22.5 -> 2/3, 30 -> 3/3
+    ang = np.deg2rad([10, 20, 29])
+    pred = _normals([[np.cos(a), np.sin(a), 0] for a in ang])
+    m = NormalsMeter()
+    m.update(pred, _normals([[1, 0, 0]] * 3))
+    r = m.compute()
+    assert r["median"] == pytest.approx(20, abs=1e-3)
+    assert (r["11.25"], r["22.5"], r["30"]) == pytest.approx((100 / 3, 200 / 3, 100.0))
+
+
+# ----------------------------------------------------------------------------- saliency
+def test_saliency_meter_beta2_hand_computed():
+    # probs .9 .6 .3 .1, truth 1 0 1 0; the 5th pixel is ignored (255)
+    # th .2: TP2 FP1 FN0 -> P 2/3 R 1 IoU 2/3 -> F = 1.3 * 2/3 / (0.3 * 2/3 + 1) = 0.7222
+    # th .5: TP1 FP1 FN1 -> P .5 R .5 IoU 1/3 -> F = .5
+    # th .8: TP1 FP0 FN1 -> P 1 R .5 IoU .5  -> F = 1.3 * .5 / (.3 + .5) = .8125  (F1 would pick .2)
+    probs = torch.tensor([0.9, 0.6, 0.3, 0.1, 0.95]).view(1, 1, 1, 5)
+    gt = torch.tensor([1.0, 0, 1, 0, 255]).view(1, 1, 1, 5)
+    m = SaliencyMeter(thresholds=[0.2, 0.5, 0.8], from_logits=False)
+    m.update(probs, gt)
+    r = m.compute()
+    assert r["maxF"] == pytest.approx(81.25)
+    assert r["maxF_threshold"] == pytest.approx(0.8)
+    assert r["max_mIoU"] == pytest.approx(200 / 3)
+    assert r["max_mIoU_threshold"] == pytest.approx(0.2)
+
+
+def test_saliency_meter_applies_exactly_one_sigmoid_to_logits():
+    probs = torch.tensor([0.9, 0.6, 0.3, 0.1])
+    logits = torch.log(probs / (1 - probs)).view(1, 1, 1, 4)
+    gt = torch.tensor([1.0, 0, 1, 0]).view(1, 1, 1, 4)
+    m = SaliencyMeter(thresholds=[0.2, 0.5, 0.8])
+    m.update(logits, gt)
+    assert m.compute()["maxF"] == pytest.approx(81.25)
+
+
+def test_saliency_meter_averages_per_image():
+    # image 1 (th .5): P .5 R .5 IoU 1/3; image 2: truth and prediction empty -> P 0, R 0, IoU 1
+    # mean P = R = .25 -> F = .25; mean IoU = 2/3
+    m = SaliencyMeter(thresholds=[0.5], from_logits=False)
+    m.update(torch.tensor([[0.9, 0.6, 0.3, 0.1], [0.1, 0.1, 0.1, 0.1]]).view(2, 1, 1, 4),
+             torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 0]]).view(2, 1, 1, 4))
+    r = m.compute()
+    assert r["maxF"] == pytest.approx(25.0)
+    assert r["max_mIoU"] == pytest.approx(200 / 3)
+
+
+# ----------------------------------------------------------------------------- edges
+def _line(row, value=1.0, cols=slice(None), size=10):
+    x = torch.zeros(1, 1, size, size)
+    x[0, 0, row, cols] = value
+    return x
+
+
+def test_edge_meter_exact_and_tolerance():
+    gt = _line(5)
+    m = EdgeMeter(thresholds=[0.5], from_logits=False)
+    m.update(_line(5, 0.9), gt)
+    r = m.compute()
+    # one threshold, P = R = 1; AP = 100 recall levels at precision 1, divided by 101
+    assert r["odsF"] == pytest.approx(100.0)
+    assert r["oisF"] == pytest.approx(100.0)
+    assert r["AP"] == pytest.approx(100 * 100 / 101)
+    # one row off: the diagonal of a 10x10 image is 14.1 px; 0.0075 of it (0.11 px) matches nothing,
+    # 0.1 of it (1.41 px) matches every pixel
+    strict = EdgeMeter(max_dist=0.0075, thresholds=[0.5], from_logits=False)
+    strict.update(_line(6, 0.9), gt)
+    assert strict.compute()["odsF"] == pytest.approx(0.0)
+    loose = EdgeMeter(max_dist=0.1, thresholds=[0.5], from_logits=False)
+    loose.update(_line(6, 0.9), gt)
+    assert loose.compute()["odsF"] == pytest.approx(100.0)
+
+
+def test_edge_meter_half_recall():
+    m = EdgeMeter(thresholds=[0.5], from_logits=False)
+    m.update(_line(5, 0.9, cols=slice(0, 5)), _line(5))
+    assert m.compute()["odsF"] == pytest.approx(100 * 2 * 1 * 0.5 / 1.5)  # P 1, R 1/2
+
+
+def test_edge_meter_ods_ois_ap():
+    # thresholds .25 / .75.  Image A: true line at .9, false line (row 1) at .5;  image B: true line at .5
+    # per threshold (count_r, sum_r, count_p, sum_p): .25 -> A (10,10,10,20) B (10,10,10,10)
+    #                                                  .75 -> A (10,10,10,10) B (0,10,0,0)
+    # set-wide: .25 -> R 1, P 2/3;  .75 -> R 1/2, P 1.  ODS interpolates (R, P) = (1 - d/2, 2/3 + d/3);
+    # the best of the 101 points is d = 0.2: R .9, P 11/15 -> F = 1.32 / (49/30) = 39.6 / 49
+    # OIS: A at .75 and B at .25 are both perfect -> 100
+    # AP: recall >= t reaches precision 1 for t <= .5 (51 levels), 2/3 above (49 levels) -> /101
+    a = _line(5, 0.9)
+    a[0, 0, 1] = 0.5
+    m = EdgeMeter(thresholds=[0.25, 0.75], from_logits=False)
+    m.update(torch.cat([a, _line(5, 0.5)]), torch.cat([_line(5), _line(5)]))
+    r = m.compute()
+    assert r["odsF"] == pytest.approx(100 * 39.6 / 49)
+    assert r["oisF"] == pytest.approx(100.0)
+    assert r["AP"] == pytest.approx(100 * (51 + 49 * 2 / 3) / 101)
+
+
+def test_edge_meter_ignores_ignore_pixels_and_uses_logits():
+    gt = _line(5)
+    gt[0, 0, 2] = 255.0                          # an ignored row
+    logits = torch.full((1, 1, 10, 10), -10.0)
+    logits[0, 0, 5] = 10.0
+    logits[0, 0, 2] = 10.0                       # predicted edges on the ignored row do not count
+    m = EdgeMeter(thresholds=[0.5])
+    m.update(logits, gt)
+    assert m.compute()["odsF"] == pytest.approx(100.0)
+
+
+def test_edge_meter_rejects_bad_tolerance():
+    with pytest.raises(ValueError, match="max_dist"):
+        EdgeMeter(max_dist=2)
+
+
+# ----------------------------------------------------------------------------- delta_m & builders
+def test_delta_m_hand_computed():
+    base = {"semseg": {"mIoU": 40.0}, "depth": {"rmse": 0.5}, "normals": {"mean": 20.0}}
+    res = {"semseg": {"mIoU": 44.0, "pixel_acc": 1.0}, "depth": {"rmse": 0.55}, "normals": {"mean": 18.0}}
+    # +10 % mIoU, rmse 10 % worse (lower is better) -> -10 %, normals 10 % better -> +10 %
+    assert delta_m(res, base) == pytest.approx(10 / 3)
+    assert delta_m(res, base, keys=["semseg/mIoU", "depth/rmse"]) == pytest.approx(0.0)
+    # a custom metric needs its direction
+    with pytest.raises(KeyError, match="direction"):
+        delta_m({"x": {"score": 2}}, {"x": {"score": 1}})
+    assert delta_m({"x": {"score": 2}}, {"x": {"score": 1}}, {"x/score": False}) == pytest.approx(-100)
+
+
+def test_baselines_json_roundtrip_and_errors(tmp_path):
+    p = tmp_path / "stl.json"
+    save_baselines(p, {"semseg": {"mIoU": 40.0, "pixel_acc": 70.0}, "depth": {"rmse": 0.5, "abs_err": 0.3}},
+                   model="stl")
+    assert load_baselines(p) == {"semseg/mIoU": 40.0, "depth/rmse": 0.5}
+    assert json.loads(p.read_text())["model"] == "stl"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        load_baselines(bad)
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_baselines(tmp_path / "missing.json")
+    nan = tmp_path / "nan.json"
+    nan.write_text('{"semseg": {"mIoU": "high"}}')
+    with pytest.raises(ValueError, match="semseg/mIoU"):
+        load_baselines(nan)
+
+
+def test_build_meters_and_multitask_meter():
+    meters = build_meters(["semseg", "depth", "normals", "sal", "edge"], {"semseg": 3}, dataset="nyud_mt")
+    assert isinstance(meters["semseg"], SegMeter) and meters["semseg"].num_classes == 3
+    assert meters["edge"].max_dist == pytest.approx(0.011)
+    assert build_meters(["edge"])["edge"].max_dist == pytest.approx(0.0075)
+    with pytest.raises(ValueError, match="num_classes"):
+        build_meters(["semseg"])
+    mm = MultiTaskMeter(["semseg", "depth"], {"semseg": 2})
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 2.0]]]])
+    mm.update({"final": {"semseg": logits, "depth": torch.ones(1, 1, 1, 2)}, "aux": {}},
+              {"semseg": torch.tensor([[[0, 0]]]), "depth": torch.full((1, 1, 1, 2), 2.0)})
+    r = mm.compute()
+    assert r["semseg"]["pixel_acc"] == pytest.approx(50.0)
+    assert r["depth"]["abs_err"] == pytest.approx(1.0)
