@@ -85,7 +85,11 @@ class CrossTaskAffinity(nn.Module):
         as_dict = isinstance(x, Mapping)
         xs = self._stack(x)
         v = torch.stack([self.proj[t](xs[:, i]) for i, t in enumerate(self.tasks)], dim=1)
-        y = ops.ctal_attention(xs, v, self.weight, self.bias, backend=self.backend)
+        # Under autocast the projections may return bf16/fp16 while x and the fusion parameters are
+        # fp32; the op wants one dtype, so everything runs in the wider of the two.
+        dtype = torch.promote_types(xs.dtype, v.dtype)
+        y = ops.ctal_attention(xs.to(dtype), v.to(dtype), self.weight.to(dtype), self.bias.to(dtype),
+                               backend=self.backend)
         out = self.gamma * y + (1 - self.gamma) * xs
         if as_dict:
             return {t: out[:, i] for i, t in enumerate(self.tasks)}
