@@ -1,27 +1,65 @@
-"""ctal entry point. Until the training pipeline lands, this runs a small real demonstration of
-the CTAL op: the exact linear form against the literal reference on NYUv2-shaped features."""
+"""Train or evaluate a ctal model.
+
+    python train.py                                   # synthetic scenes, CTALNet, CPU-sized run
+    python train.py --config nyuv2_ctal data.root=/data/nyuv2 model.ctal_backend=linear
+    python train.py --config nyuv2_ctal --resume auto # continue from <output_dir>/last.pt
+    python train.py --config nyuv2_ctal --eval-only --checkpoint outputs/nyuv2_ctal/best.pt
+    torchrun --nproc_per_node 2 train.py --config ... # data parallel (gloo on CPU, nccl on GPU)
+
+``--config`` takes a YAML path or the name of a packaged config in ctal/configs/. Trailing
+``key.sub=value`` arguments override config entries (values are parsed as YAML).
+"""
 from __future__ import annotations
 
-import time
+import argparse
+import json
+import sys
+from pathlib import Path
 
-import torch
-
-from ctal import ops
+from ctal import config as cfglib
 
 
-def main() -> None:
-    torch.manual_seed(0)
-    B, T, C, H, W = 1, 3, 128, 36, 48
-    x, v = torch.randn(B, T, C, H, W), torch.randn(B, T, C, H, W)
-    w, b = torch.randn(H * W, T, 3, 3), torch.randn(H * W)
-    print(ops.explain(x, v, w, b))
-    out = {}
-    for name in ("reference", "linear"):
-        t0 = time.perf_counter()
-        out[name] = ops.ctal_attention(x, v, w, b, backend=name)
-        print(f"{name:>9}: {1e3 * (time.perf_counter() - t0):8.1f} ms")
-    err = (out["linear"] - out["reference"]).norm() / out["reference"].norm()
-    print(f"relative difference linear vs reference: {err:.2e}")
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="synthetic", help="YAML file or packaged config name (default: synthetic)")
+    ap.add_argument("--output-dir", default=None, help="where checkpoints, logs and metrics go "
+                    "(default: the config's output_dir)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: config, else auto)")
+    ap.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' = <output_dir>/last.pt if present")
+    ap.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the val split and exit")
+    ap.add_argument("--checkpoint", default=None, help="weights for --eval-only (default: <output_dir>/best.pt)")
+    ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke tests)")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    cfg = cfglib.apply_overrides(cfglib.load(args.config), args.overrides)
+    from ctal.engine import Trainer
+    trainer = Trainer(cfg, output_dir=args.output_dir, device=args.device, progress=not args.no_progress)
+    try:
+        if args.eval_only:
+            ckpt = Path(args.checkpoint) if args.checkpoint else trainer.out / "best.pt"
+            trainer.load_weights(ckpt)
+            metrics = trainer.evaluate()
+            if trainer.dist.is_main:
+                (trainer.out / "eval_metrics.json").write_text(json.dumps(
+                    dict(checkpoint=str(ckpt), metrics=metrics), indent=2, default=float))
+                from ctal.engine.trainer import format_summary
+                print(format_summary(metrics))
+            return metrics
+        if args.resume:
+            path = trainer.out / "last.pt" if args.resume == "auto" else Path(args.resume)
+            if path.is_file():
+                trainer.resume(path)
+                print(f"resumed from {path} at epoch {trainer.start_epoch}", file=sys.stderr)
+            elif args.resume != "auto":
+                raise FileNotFoundError(f"--resume {path}: no such checkpoint")
+        return trainer.fit(max_steps_per_epoch=args.max_steps_per_epoch)
+    finally:
+        trainer.close()
 
 
 if __name__ == "__main__":

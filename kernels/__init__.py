@@ -43,6 +43,12 @@ def _missing(what: str) -> Callable:
     return fail
 
 
+def fused_flops(p) -> int:
+    """The fused kernel forms ``M[i, j]`` as 9T shifted dot products of length C (no separate
+    Gram plus 3x3 stencil), then multiplies by V: ``2 B N^2 (9TC + TC)`` forward."""
+    return 2 * p.B * p.N * p.N * (9 * p.T * p.C + p.T * p.C)
+
+
 def register_backends() -> None:
     """Register the Triton backends and stage implementations with ``ctal.ops.dispatch``."""
     global _REGISTERED
@@ -64,7 +70,7 @@ def register_backends() -> None:
                                                          "propagate")}
 
     register_backend(Backend("triton-fused", "quadratic", "triton", fused_fn,
-                             lambda p: _reason(p, channel_limited=True)))
+                             lambda p: _reason(p, channel_limited=True), cost=fused_flops))
     register_backend(Backend("triton-linear", "linear", "triton", linear_fn,
                              lambda p: _reason(p, channel_limited=True)))
     # The staged path materializes the affinities and M (it exists to run and check the stage

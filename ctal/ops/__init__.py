@@ -94,3 +94,8 @@ def _grid(size) -> tuple[int, int]:
         raise ValueError(f"size must be a pair of positive ints (H, W), got {size!r}")
     return int(size[0]), int(size[1])
 
+
+
+# Register the Triton / compiled-extension backends now, not lazily inside a first call that
+# may be running under torch.compile (registration is not traceable).
+dispatch._load_optional_backends()

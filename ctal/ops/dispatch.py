@@ -17,6 +17,10 @@ from . import linear, quadratic, reference
 
 # Preference among implementations of the same algorithm (higher wins).
 IMPLEMENTATION_RANK = {"pytorch": 0, "cpp": 1, "triton": 2, "cuda": 3}
+# Kernels that have not yet been run against the reference on a GPU (no session so far had
+# one): reachable by name, never picked by ``auto``. Remove a name once its GPU tests pass and
+# the results are committed under benchmarks/results/.
+UNVERIFIED_ON_GPU = {"triton-fused", "triton-linear", "triton-staged", "cuda-linear", "cuda-fused"}
 # Unfused quadratic backends hold a few B x N x N buffers; above this many bytes ``auto`` picks
 # the linear form (or a fused kernel) even when quadratic has fewer FLOPs.
 NXN_MEMORY_LIMIT = 2 * 1024 ** 3
@@ -72,6 +76,12 @@ class Backend:
     auto_eligible: bool = True
     # True when the backend holds N x N matrices (then ``auto`` avoids it for huge N).
     materializes_nxn: bool = False
+    # Its own FLOP count when it does more work than its algorithm's minimum (e.g. a fused
+    # kernel that recomputes the stencil as 9T shifted dot products); None = ``flops(algorithm)``.
+    cost: Optional[Callable[[Problem], int]] = None
+
+    def flops(self, p: Problem) -> int:
+        return self.cost(p) if self.cost is not None else flops(self.algorithm, p)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -121,11 +131,18 @@ class Decision:
 
 
 def decide(p: Problem, backend: str = "auto") -> Decision:
+    """Resolve ``backend`` for problem ``p``.
+
+    ``auto``: among the backends that can run ``p`` (not the literal reference, not interpreted
+    Triton, not kernels in ``UNVERIFIED_ON_GPU``), drop unfused quadratic ones whose ``B x N x N`` buffers would exceed
+    ``NXN_MEMORY_LIMIT``, then take the fewest FLOPs (each backend's own count), breaking ties
+    (same algorithm, same work) by the implementation rank CUDA > Triton > C++ > PyTorch.
+    """
     table = backends()
     candidates = []
     for b in table.values():
         candidates.append(dict(name=b.name, algorithm=b.algorithm, implementation=b.implementation,
-                               gflops=flops(b.algorithm, p) / 1e9, unsupported=b.unsupported(p)))
+                               gflops=b.flops(p) / 1e9, unsupported=b.unsupported(p)))
     if backend != "auto":
         if backend not in table:
             raise ValueError(f"backend must be 'auto' or one of {sorted(table)}, got {backend!r}")
@@ -136,24 +153,22 @@ def decide(p: Problem, backend: str = "auto") -> Decision:
 
     # Triton on CPU tensors means the (very slow) interpreter: a testing tool, never an auto choice.
     ok = [c for c in candidates if c["unsupported"] is None and table[c["name"]].auto_eligible
-          and not (p.device.type == "cpu" and c["implementation"] == "triton")]
+          and not (p.device.type == "cpu" and c["implementation"] == "triton")
+          and c["name"] not in UNVERIFIED_ON_GPU]
     ok = ok or [c for c in candidates if c["unsupported"] is None]
     nxn_bytes = 3 * p.B * p.N * p.N * torch.empty((), dtype=p.dtype).element_size()
-    cost = {a: flops(a, p) for a in ("quadratic", "linear")}
-    algo = min(cost, key=cost.get)
-    reason = f"{algo} has fewer FLOPs ({cost[algo] / 1e9:.3g} vs {max(cost.values()) / 1e9:.3g} GFLOP)"
-    quadratic_impls = [c for c in ok if c["algorithm"] == "quadratic"]
-    if algo == "quadratic" and nxn_bytes > NXN_MEMORY_LIMIT:
-        quadratic_impls = [c for c in quadratic_impls if not table[c["name"]].materializes_nxn]
-        if not quadratic_impls:
-            algo = "linear"
-            reason = (f"quadratic needs ~{nxn_bytes / 2 ** 30:.1f} GiB of N x N buffers without a fused "
-                      f"kernel here, linear needs O(N)")
-    pool = ([c for c in ok if c["algorithm"] == algo and (algo == "linear" or c in quadratic_impls)]
-            or ok)
-    best = max(pool, key=lambda c: IMPLEMENTATION_RANK[c["implementation"]])
-    return Decision(best["name"], f"{reason}; {best['implementation']} is the best "
-                    f"implementation available on {p.device.type}", candidates)
+    note = ""
+    if nxn_bytes > NXN_MEMORY_LIMIT:
+        small = [c for c in ok if not table[c["name"]].materializes_nxn]
+        if small and len(small) < len(ok):
+            note = f"; unfused quadratic backends skipped (~{nxn_bytes / 2 ** 30:.1f} GiB of N x N buffers)"
+        ok = small or ok
+    best = min(ok, key=lambda c: (c["gflops"], -IMPLEMENTATION_RANK[c["implementation"]]))
+    others = [c["gflops"] for c in ok if c["algorithm"] != best["algorithm"]]
+    vs = f" vs {min(others):.3g} for {'linear' if best['algorithm'] == 'quadratic' else 'quadratic'}" if others else ""
+    return Decision(best["name"], f"{best['algorithm']} needs the fewest FLOPs ({best['gflops']:.3g} GFLOP{vs}); "
+                    f"{best['implementation']} is the best implementation of it on {p.device.type}{note}",
+                    candidates)
 
 
 # --- PyTorch algorithms with explicit backward, as opaque custom ops --------------------------

@@ -1,5 +1,229 @@
-"""The compiled extension (csrc/) as ctal.ops backends; importing ctal never requires it."""
+"""The compiled extension (csrc/) as ctal.ops backends; importing ctal never requires it.
+
+``ctal._C`` registers the ops ``torch.ops.ctal_ext.{linear_fwd, linear_bwd, fused_fwd, fused_bwd}``
+(CPU and CUDA bodies). This module adds what PyTorch needs around them, fake (meta) kernels for
+``torch.compile`` and autograd formulas, and registers three backends with ``ctal.ops.dispatch``:
+
+============  =========  ===============================================================
+name          algorithm  implementation
+============  =========  ===============================================================
+cpp           linear     C++ gathers/scatters with at::parallel_for around BLAS GEMMs (CPU)
+cuda-linear   linear     CUDA gathers/scatters around cuBLAS GEMMs
+cuda-fused    quadratic  tiled CUDA kernel: similarity tiles, 3x3 stencil, value tile; N x N
+                         is never written (forward and backward by recomputation)
+============  =========  ===============================================================
+
+When the extension is missing, or was built without CUDA, the backends stay registered and their
+``unsupported`` reason says how to build it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:  # the compiled module; its import registers torch.ops.ctal_ext
+    from ctal import _C  # type: ignore[attr-defined]
+    _IMPORT_ERROR: Optional[BaseException] = None
+    # Plain Python values, so that backend checks stay traceable by torch.compile.
+    _WITH_CUDA = bool(_C.with_cuda())
+except ImportError as e:  # not built (or built for another torch): ctal still works without it
+    _C = None
+    _IMPORT_ERROR = e
+    _WITH_CUDA = False
+
+BUILD_HINT = ("the compiled extension is not built: run `pip install --no-build-isolation -e .` "
+              "in the ctal checkout (needs a C++ compiler and ninja; CUDA kernels need nvcc)")
+NO_CUDA_HINT = ("the extension was built without CUDA (no CUDA toolkit was found at build time): "
+                "rebuild with nvcc available, or set CTAL_FORCE_CUDA=1 to make the build fail loudly")
+
+_REGISTERED = False
+
+
+def is_built() -> bool:
+    """Whether ``ctal._C`` is importable."""
+    return _C is not None
+
+
+def with_cuda() -> bool:
+    """Whether the extension is built and contains the CUDA kernels."""
+    return _C is not None and _WITH_CUDA
+
+
+def build_error() -> Optional[str]:
+    """Why the extension is unavailable (None when it is built)."""
+    if _C is not None:
+        return None
+    detail = f" ({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR})" if _IMPORT_ERROR else ""
+    return BUILD_HINT + detail
+
+
+# --- backends ------------------------------------------------------------------------------------
+
+def _cpp_unsupported(p) -> Optional[str]:
+    if _C is None:
+        return BUILD_HINT
+    if p.device.type != "cpu":
+        return f"runs on CPU tensors only, got {p.device.type} (use cuda-linear on a GPU)"
+    if p.dtype not in (torch.float32, torch.float64):
+        return f"supports float32 and float64, got {p.dtype} (use 'linear' for 16-bit on CPU)"
+    return None
+
+
+def _cuda_unsupported(p) -> Optional[str]:
+    if _C is None:
+        return BUILD_HINT
+    if not _WITH_CUDA:
+        return NO_CUDA_HINT
+    if p.device.type != "cuda":
+        return f"needs CUDA tensors, got {p.device.type}"
+    return None
+
+
+def _cuda_linear_unsupported(p) -> Optional[str]:
+    return _cuda_unsupported(p)
+
+
+# Shared memory of one cuda-fused block, mirroring make_layout() in csrc/fused_cuda.cu (pure Python
+# so that dispatch stays traceable; tests check it against ctal._C.fused_smem_bytes).
+_FUSED_BM, _FUSED_KC = 16, 64
+
+
+def fused_smem_bytes(T: int, C: int, H: int, W: int, dtype: torch.dtype, allow_tf32: bool,
+                     backward: bool) -> int:
+    del T, allow_tf32  # the layout depends on neither
+    acc = 8 if dtype == torch.float64 else 4
+    half = dtype in (torch.float16, torch.bfloat16)
+    op, skew = (2, 8) if half else ((8, 2) if dtype == torch.float64 else (4, 4))
+    cp = -(-C // 16) * 16
+    nk = -(-(H * W) // _FUSED_KC) * _FUSED_KC
+    sizes = [_FUSED_BM * (nk + 4) * acc, _FUSED_BM * (nk + 4) * acc,  # M, S row blocks
+             cp * (_FUSED_BM + skew) * op, cp * (_FUSED_KC + skew) * op,  # query / key operands
+             _FUSED_BM * (_FUSED_KC + skew) * op, _FUSED_BM * (cp + 4) * acc]  # M chunk, Y
+    if backward:
+        sizes.append(_FUSED_KC * (cp + 4) * acc)
+    sizes.append(_FUSED_BM * 9 * acc)
+    return sum(-(-s // 128) * 128 for s in sizes)
+
+
+_SMEM_LIMIT: dict[int, int] = {}
+
+
+def fused_smem_limit(index: int) -> int:
+    """Shared memory one block may use on CUDA device ``index`` (opt-in maximum)."""
+    if index not in _SMEM_LIMIT:
+        props = torch.cuda.get_device_properties(index)
+        _SMEM_LIMIT[index] = int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
+    return _SMEM_LIMIT[index]
+
+
+def _cuda_fused_unsupported(p) -> Optional[str]:
+    why = _cuda_unsupported(p)
+    if why is not None:
+        return why
+    if p.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        return f"unsupported dtype {p.dtype}"
+    need = fused_smem_bytes(p.T, p.C, p.H, p.W, p.dtype, False, True)
+    have = fused_smem_limit(p.device.index if p.device.index is not None else torch.cuda.current_device())
+    if need > have:
+        return (f"a {p.H}x{p.W} grid with C={p.C} needs {need // 1024} KiB of shared memory per "
+                f"block, the device allows {have // 1024} KiB (use cuda-linear)")
+    return None
+
+
+def _allow_tf32() -> bool:
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def cpp_attention(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """CTAL through the compiled linear form (CPU or CUDA tensors alike)."""
+    _require()
+    return torch.ops.ctal_ext.linear_fwd(x, v, weight, bias)[0]
+
+
+def fused_attention(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """CTAL through the fused quadratic CUDA kernel. float32 inputs use TF32 tensor cores when
+    ``torch.backends.cuda.matmul.allow_tf32`` is set, exact FMA otherwise."""
+    _require()
+    return torch.ops.ctal_ext.fused_fwd(x, v, weight, bias, _allow_tf32())
+
+
+def _require() -> None:
+    if _C is None:
+        raise RuntimeError(build_error())
+
+
+# --- fake kernels and autograd (registered once, when the extension is loaded) ------------------
+
+def _register_op_support() -> None:
+    lib = "ctal_ext"
+
+    @torch.library.register_fake(f"{lib}::linear_fwd")
+    def _(x, v, weight, bias):
+        B, T, C, H, W = x.shape
+        return x.new_empty(B, T, C, H, W), x.new_empty(B, 9 * T * C, T * C)
+
+    def _grads_like(x, v, weight):
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                torch.empty_like(v, memory_format=torch.contiguous_format),
+                torch.empty_like(weight, memory_format=torch.contiguous_format),
+                weight.new_empty(weight.shape[0]))
+
+    @torch.library.register_fake(f"{lib}::linear_bwd")
+    def _(dy, x, v, weight, bias, g):
+        return _grads_like(x, v, weight)
+
+    @torch.library.register_fake(f"{lib}::fused_fwd")
+    def _(x, v, weight, bias, allow_tf32):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(f"{lib}::fused_bwd")
+    def _(dy, x, v, weight, bias, allow_tf32):
+        return _grads_like(x, v, weight)
+
+    def linear_setup(ctx, inputs, output):
+        x, v, weight, bias = inputs
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, v, weight, bias, output[1])
+
+    def linear_backward(ctx, dy, dg):
+        # G is an internal by-product; nothing downstream differentiates through it.
+        x, v, weight, bias, g = ctx.saved_tensors
+        dx, dv, dw, db = torch.ops.ctal_ext.linear_bwd(dy, x, v, weight, bias, g)
+        return dx, dv, dw, (db if ctx.has_bias else None)
+
+    torch.library.register_autograd(f"{lib}::linear_fwd", linear_backward, setup_context=linear_setup)
+
+    def fused_setup(ctx, inputs, output):
+        x, v, weight, bias, allow_tf32 = inputs
+        ctx.has_bias = bias is not None
+        ctx.allow_tf32 = allow_tf32
+        ctx.save_for_backward(x, v, weight, bias)
+
+    def fused_backward(ctx, dy):
+        x, v, weight, bias = ctx.saved_tensors
+        dx, dv, dw, db = torch.ops.ctal_ext.fused_bwd(dy, x, v, weight, bias, ctx.allow_tf32)
+        return dx, dv, dw, (db if ctx.has_bias else None), None
+
+    torch.library.register_autograd(f"{lib}::fused_fwd", fused_backward, setup_context=fused_setup)
 
 
 def register_backends() -> None:
-    """Register the C++/CUDA backends with ``ctal.ops.dispatch`` (filled in by the csrc work)."""
+    """Register "cpp", "cuda-linear" and "cuda-fused" with ``ctal.ops.dispatch`` (always; each
+    one's ``unsupported`` says why it cannot run here)."""
+    global _REGISTERED
+    from .dispatch import Backend, register_backend
+
+    if not _REGISTERED and _C is not None:
+        _register_op_support()
+        if _WITH_CUDA and torch.cuda.is_available():  # read device limits now, not while tracing
+            for i in range(torch.cuda.device_count()):
+                fused_smem_limit(i)
+    _REGISTERED = True
+    # The lambdas read the module globals at call time, so tests can simulate a missing build.
+    register_backend(Backend("cpp", "linear", "cpp", cpp_attention, lambda p: _cpp_unsupported(p)))
+    register_backend(Backend("cuda-linear", "linear", "cuda", cpp_attention,
+                             lambda p: _cuda_linear_unsupported(p)))
+    register_backend(Backend("cuda-fused", "quadratic", "cuda", fused_attention,
+                             lambda p: _cuda_fused_unsupported(p)))

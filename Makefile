@@ -1,0 +1,62 @@
+# Developer shortcuts for the compiled extension (csrc/). Everything goes through the venv.
+#   make ext             build ctal._C (CUDA when nvcc is found, CPU-only otherwise)
+#   make ext-cpu         CPU-only build (fast; no nvcc)
+#   make test-ext        the extension's tests
+#   make bench-cpu       C++ vs PyTorch linear vs reference on CPU (writes benchmarks/results/)
+#   make resource-usage  nvcc -Xptxas -v for every CUDA kernel: registers, shared memory, spills
+#   make sanitize        (GPU) compute-sanitizer memcheck + racecheck on a small case of both CUDA backends
+PY ?= .venv/bin/python
+NVCC ?= nvcc
+ARCHS ?= 80 90
+JOBS ?= $(shell nproc)
+CU ?= csrc/linear_cuda.cu csrc/fused_cuda.cu
+
+.PHONY: ext ext-cpu test-ext bench-cpu resource-usage sanitize clean-ext
+
+ext:
+	MAX_JOBS=$(JOBS) $(PY) -m pip install --no-build-isolation --no-deps -e .
+
+ext-cpu:
+	CTAL_NO_CUDA=1 MAX_JOBS=$(JOBS) $(PY) -m pip install --no-build-isolation --no-deps -e .
+
+test-ext:
+	$(PY) -m pytest -q tests/test_extension.py
+
+bench-cpu:
+	$(PY) benchmarks/bench_cpu.py
+
+# Include paths and C++ standard exactly as torch's cpp_extension would use them, plus the
+# headers pip's nvidia-* packages ship (cuBLAS etc.).
+NVCC_FLAGS = $(shell $(PY) -c "import glob, inspect, os, sys, sysconfig, torch, torch.utils.cpp_extension as c; \
+t = os.path.join(os.path.dirname(torch.__file__), 'include'); \
+std = 'c++20' if '-std=c++20' in inspect.getsource(c) else 'c++17'; \
+inc = [t, os.path.join(t, 'torch/csrc/api/include'), sysconfig.get_paths()['include'], 'csrc']; \
+inc += sorted(glob.glob(os.path.join(sys.prefix, 'lib/python*/site-packages/nvidia/*/include'))); \
+print(' '.join(['-std=' + std] + ['-I' + i for i in inc]))")
+DEFINES = -DCTAL_WITH_CUDA -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+	-D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ -DTORCH_EXTENSION_NAME=_C
+
+resource-usage:
+	@for arch in $(ARCHS); do for f in $(CU); do \
+	  echo "== $$f sm_$$arch"; \
+	  $(NVCC) -O3 --expt-relaxed-constexpr $(DEFINES) $(NVCC_FLAGS) -Xcompiler -fPIC \
+	    -gencode=arch=compute_$$arch,code=sm_$$arch -Xptxas -v -c $$f -o /dev/null 2>&1 \
+	  | grep -E "Compiling entry|registers|spill|stack frame" \
+	  | sed -E 's/.*Compiling entry function .(_Z[^ ]*). for .(sm_[0-9]+)./\1 \2/' \
+	  | while read -r line; do \
+	      case "$$line" in _Z*) echo "  $$(echo "$$line" | cut -d' ' -f1 | c++filt -p | sed -E 's/ctal_ext::\(anonymous namespace\):://')";; \
+	      *) echo "      $$line" | sed -E 's/ptxas info *: //';; esac; done; \
+	done; done
+
+SANITIZE_CASE = import torch; from ctal import ops; \
+x, v = (torch.randn(2, 3, 5, 5, 7, device='cuda') for _ in range(2)); \
+w, b = torch.randn(35, 3, 3, 3, device='cuda'), torch.randn(35, device='cuda'); \
+[ops.ctal_attention(*(t.clone().requires_grad_() for t in (x, v, w, b)), backend=n).sum().backward() \
+ for n in ('cuda-linear', 'cuda-fused')]; torch.cuda.synchronize(); print('sanitize case ran')
+
+sanitize:
+	compute-sanitizer --tool memcheck --error-exitcode 1 $(PY) -c "$(SANITIZE_CASE)"
+	compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 1 $(PY) -c "$(SANITIZE_CASE)"
+
+clean-ext:
+	rm -rf build ctal/_C*.so

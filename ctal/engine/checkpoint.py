@@ -1,0 +1,60 @@
+"""Checkpoints: atomic writes and exact resume (model, optimizer, scheduler, scaler, loss
+weighting, epoch, step, best score and every RNG)."""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def rng_state() -> dict:
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path: str | Path, state: dict) -> Path:
+    """Write ``state`` to ``path`` atomically: a crash mid-write never leaves a truncated file
+    (the old checkpoint stays until the new one is complete)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        # Our checkpoints hold RNG states and config dicts, not only tensors.
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise RuntimeError(f"checkpoint {path} could not be read ({e}); it may be truncated or "
+                           f"not a ctal checkpoint") from e
+    if not isinstance(state, dict) or "model" not in state:
+        raise RuntimeError(f"checkpoint {path} is not a ctal checkpoint (no 'model' entry)")
+    return state

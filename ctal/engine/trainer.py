@@ -1,0 +1,362 @@
+"""The multitask training loop behind ``train.py``.
+
+One ``Trainer`` owns everything a run needs (data, model, loss weighting, optimizer, schedule, AMP,
+DDP, logging) and checkpoints all of it at every epoch boundary, so that training k epochs equals
+k/2 epochs + resume + k/2 epochs bit for bit (same seeds, same data order, same RNG streams).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from .. import config as cfglib
+from . import checkpoint, distributed
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _worker_init(worker_id: int) -> None:
+    # Each worker's augmentation RNGs follow the loader's (seeded) base seed: reproducible runs.
+    s = torch.initial_seed() % 2 ** 32
+    random.seed(s)
+    np.random.seed(s)
+
+
+def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
+    images = batch["image"].to(device, non_blocking=True)
+    targets = {k: v.to(device, non_blocking=True) for k, v in batch.items()
+               if k not in ("image", "meta") and torch.is_tensor(v)}
+    return images, targets
+
+
+def _float_outputs(out: dict) -> dict:
+    return dict(final={t: p.float() for t, p in out["final"].items()},
+                aux={k: {t: p.float() for t, p in a.items()} for k, a in (out.get("aux") or {}).items()})
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def build_data(cfg: dict, split: str):
+    """Dataset for ``split`` from the config's ``data`` section (generating synthetic data if needed)."""
+    from ..data import build_dataset
+    d = cfg["data"]
+    if d["dataset"] == "synthetic" and d.get("generate"):
+        from ..data import synthetic
+        g = d["generate"]
+        synthetic.ensure(d["root"], num_train=g["num_train"], num_val=g["num_val"],
+                         size=tuple(g["size"]), seed=g.get("seed", 0), workers=g.get("workers"))
+    kw = dict(d.get("options") or {})
+    return build_dataset(d["dataset"], d["root"], split, tasks=d.get("tasks"),
+                         augment=d.get("augment", False) if split == "train" else False, **kw)
+
+
+def build_model(cfg: dict, dataset) -> nn.Module:
+    from ..models import build_model as build
+    m = dict(cfg["model"])
+    name = m.pop("name")
+    return build(name, tasks=list(dataset.tasks), num_classes=dict(dataset.num_classes),
+                 input_size=tuple(dataset.size), **m)
+
+
+def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
+    o = cfg["optim"]
+    name = o["name"].lower()
+    if name == "adam":
+        return torch.optim.Adam(params, lr=o["lr"], weight_decay=o.get("weight_decay", 0.0))
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=o["lr"], weight_decay=o.get("weight_decay", 0.01))
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=o["lr"], momentum=o.get("momentum", 0.9),
+                               weight_decay=o.get("weight_decay", 0.0), nesterov=o.get("nesterov", False))
+    raise ValueError(f"optim.name must be adam, adamw or sgd, got {o['name']!r}")
+
+
+def build_scheduler(cfg: dict, opt, epochs: int):
+    """Per-epoch schedules: cosine to 0, poly (1 - e/E)^power, step (gamma every step_size), none."""
+    s = cfg.get("schedule") or {"name": "none"}
+    name = s["name"].lower()
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=s.get("min_lr", 0.0))
+    if name == "poly":
+        power = s.get("power", 0.9)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: (1 - e / max(epochs, 1)) ** power)
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=s["step_size"], gamma=s.get("gamma", 0.1))
+    if name == "none":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
+    raise ValueError(f"schedule.name must be cosine, poly, step or none, got {s['name']!r}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, tasks, num_classes, device, dataset_name: str = "",
+             amp: Optional[str] = None, progress: bool = True, max_batches: Optional[int] = None,
+             edge_thresholds: int = 99) -> dict:
+    """Metrics of ``model`` over the whole loader (every batch, the last partial one included).
+    ``edge_thresholds`` < 99 makes the (slow) boundary matching of odsF cheaper for validation
+    during training; reported results use 99."""
+    from ..metrics import build_meters
+    meters = build_meters(tasks, num_classes, dataset=dataset_name, edge_thresholds=edge_thresholds)
+    model.eval()
+    it = tqdm(loader, desc="eval", leave=False, disable=not progress)
+    for i, batch in enumerate(it):
+        if max_batches is not None and i >= max_batches:
+            break
+        images, targets = _to_device(batch, device)
+        with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.float32), enabled=amp in AMP_DTYPES):
+            out = model(images)["final"]
+        for t, m in meters.items():
+            m.update(out[t].float(), targets[t])
+    return {t: m.compute() for t, m in meters.items()}
+
+
+class Trainer:
+    """Builds a run from a config dict (see ``ctal/configs/*.yaml``) and trains / evaluates it."""
+
+    def __init__(self, cfg: dict, output_dir: Optional[str] = None, device: Optional[str] = None,
+                 progress: bool = True):
+        self.cfg = cfg
+        train = cfg.setdefault("train", {})
+        dev = device or cfg.get("device", "auto")
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dist = distributed.init(dev)
+        if dev == "cuda" and self.dist.enabled:
+            dev = f"cuda:{self.dist.local_rank}"
+        self.device = torch.device(dev)
+        self.out = Path(output_dir or cfg.get("output_dir") or f"outputs/{cfg.get('name', 'run')}")
+        self.progress = progress and self.dist.is_main
+        seed_everything(int(cfg.get("seed", 0)) + self.dist.rank)
+
+        self.train_set = build_data(cfg, "train") if self.dist.is_main else None
+        distributed.barrier(self.dist)  # rank 0 generates synthetic data first
+        if self.train_set is None:
+            self.train_set = build_data(cfg, "train")
+        self.val_set = build_data(cfg, "val")
+        self.tasks = list(self.train_set.tasks)
+        self.num_classes = dict(self.train_set.num_classes)
+        self.model = build_model(cfg, self.train_set).to(self.device)
+
+        from ..losses import MultiTaskLoss
+        lcfg = dict(cfg.get("loss") or {})
+        self.criterion = MultiTaskLoss(self.tasks, **lcfg).to(self.device)
+        # The loss module's parameters (uncertainty log-variances) are optimized with the model.
+        params = list(self.model.parameters()) + list(self.criterion.parameters())
+        self.epochs = int(train.get("epochs", 1))
+        self.optimizer = build_optimizer(cfg, params)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.epochs)
+        self.amp = train.get("amp") or None
+        if self.amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"train.amp must be null, bf16 or fp16, got {self.amp!r}")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        self.grad_clip = train.get("grad_clip")
+        if self.dist.enabled:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(train.get("find_unused_parameters", False)))
+
+        seed = int(cfg.get("seed", 0))
+        bs = int(cfg["data"].get("batch_size", 8))
+        workers = int(cfg["data"].get("num_workers", 0))
+        if self.dist.enabled:
+            self.sampler = DistributedSampler(self.train_set, self.dist.world_size, self.dist.rank,
+                                              shuffle=True, seed=seed, drop_last=True)
+            shuffle = False
+        else:
+            self.sampler, shuffle = None, True
+        self.loader_gen = torch.Generator()
+        self.train_loader = DataLoader(self.train_set, batch_size=bs, shuffle=shuffle, sampler=self.sampler,
+                                       num_workers=workers, drop_last=True, generator=self.loader_gen,
+                                       worker_init_fn=_worker_init, persistent_workers=False)
+        self.val_loader = DataLoader(self.val_set, batch_size=int(cfg["data"].get("eval_batch_size", bs)),
+                                     shuffle=False, num_workers=workers, drop_last=False)
+        if len(self.train_loader) == 0:
+            raise ValueError(f"train set has {len(self.train_set)} samples, fewer than one batch of {bs}")
+
+        ev = cfg.get("eval") or {}
+        self.best_metric = ev.get("best_metric", "delta_m")
+        self.baselines = None
+        if ev.get("baselines"):
+            from ..metrics import load_baselines
+            self.baselines = load_baselines(ev["baselines"])
+        if self.best_metric == "delta_m" and self.baselines is None:
+            raise ValueError("eval.best_metric is delta_m but eval.baselines (single-task results JSON) "
+                             "is not set; set it or choose a metric like 'semseg/mIoU'")
+        self.start_epoch, self.step, self.best, self.history = 0, 0, None, []
+        self.writer = None
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.out / "tb"))
+
+    # ----------------------------------------------------------------------------------------
+    def state(self, epoch: int) -> dict:
+        return dict(model=_unwrap(self.model).state_dict(), criterion=self.criterion.state_dict(),
+                    optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                    scaler=self.scaler.state_dict(), epoch=epoch, step=self.step, best=self.best,
+                    history=self.history, rng=checkpoint.rng_state(),
+                    loader_rng=self.loader_gen.get_state(), config=self.cfg)
+
+    def resume(self, path) -> None:
+        s = checkpoint.load(path, map_location=self.device)
+        missing, unexpected = _unwrap(self.model).load_state_dict(s["model"], strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+        self.criterion.load_state_dict(s["criterion"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        self.scaler.load_state_dict(s["scaler"])
+        self.start_epoch, self.step, self.best = s["epoch"], s["step"], s["best"]
+        self.history = s.get("history", [])
+        checkpoint.set_rng_state(s["rng"])
+        self.loader_gen.set_state(s["loader_rng"])
+
+    def load_weights(self, path) -> None:
+        s = checkpoint.load(path, map_location=self.device)
+        _unwrap(self.model).load_state_dict(s["model"])
+
+    def score(self, metrics: dict) -> float:
+        """Model-selection score (higher is better): delta_m or a named "task/metric"."""
+        from ..metrics import HIGHER_IS_BETTER, delta_m
+        if self.best_metric == "delta_m":
+            return delta_m(metrics, self.baselines)
+        task, _, name = self.best_metric.partition("/")
+        if task not in metrics or name not in metrics[task]:
+            raise KeyError(f"eval.best_metric {self.best_metric!r} not among the metrics {sorted(metrics)}")
+        v = float(metrics[task][name])
+        return v if HIGHER_IS_BETTER.get(self.best_metric, True) else -v
+
+    # ----------------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int, max_steps: Optional[int] = None) -> dict:
+        self.model.train()
+        self.criterion.train()
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        sums = {t: 0.0 for t in self.tasks}
+        n = 0
+        log_every = int(self.cfg["train"].get("log_every", 20))
+        amp_dtype = AMP_DTYPES.get(self.amp, torch.float32)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.progress)
+        for i, batch in enumerate(bar):
+            if max_steps is not None and i >= max_steps:
+                break
+            images, targets = _to_device(batch, self.device)
+            with torch.autocast(self.device.type, dtype=amp_dtype, enabled=self.amp is not None):
+                out = self.model(images)
+            out = _float_outputs(out)  # losses in fp32 even under autocast
+            total, parts = self.criterion(out, targets)
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"non-finite loss {total.item()} at epoch {epoch + 1} step {i}: "
+                                         f"{ {t: float(v) for t, v in parts.items()} }")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            if self.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), float(self.grad_clip))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step += 1
+            n += 1
+            for t in self.tasks:
+                sums[t] += float(parts[t].detach())
+            if self.writer and self.step % log_every == 0:
+                self.writer.add_scalar("train/loss", float(total), self.step)
+                for t in self.tasks:
+                    self.writer.add_scalar(f"train/loss_{t}", float(parts[t]), self.step)
+            bar.set_postfix(loss=f"{float(total.detach()):.3f}")
+        self.scheduler.step()
+        avg = {t: s / max(n, 1) for t, s in sums.items()}
+        self.criterion.end_epoch(avg)
+        return avg
+
+    def evaluate(self, progress: Optional[bool] = None) -> dict:
+        ds = self.cfg["data"]["dataset"]
+        return evaluate(_unwrap(self.model), self.val_loader, self.tasks, self.num_classes, self.device,
+                        dataset_name=ds, amp=self.amp, progress=self.progress if progress is None else progress,
+                        edge_thresholds=int((self.cfg.get("eval") or {}).get("edge_thresholds", 99)))
+
+    def fit(self, max_steps_per_epoch: Optional[int] = None) -> dict:
+        """Train from ``start_epoch`` to ``epochs``, evaluating every ``train.eval_every`` epochs;
+        writes ``last.pt`` / ``best.pt`` checkpoints, TensorBoard scalars, images and
+        ``metrics.json``; returns the final metrics."""
+        train = self.cfg["train"]
+        eval_every = int(train.get("eval_every", 1))
+        max_steps = max_steps_per_epoch or train.get("max_steps_per_epoch")
+        metrics = None
+        t0 = time.time()
+        for epoch in range(self.start_epoch, self.epochs):
+            avg = self.train_epoch(epoch, max_steps)
+            last = epoch + 1 == self.epochs
+            entry = dict(epoch=epoch + 1, train_loss=avg, lr=self.optimizer.param_groups[0]["lr"],
+                         loss_weights=self.criterion.current_weights())
+            if self.dist.is_main and (last or (epoch + 1) % eval_every == 0):
+                metrics = self.evaluate()
+                score = self.score(metrics)
+                entry.update(metrics=metrics, score=score)
+                for task, vals in metrics.items():
+                    for k, v in vals.items():
+                        if isinstance(v, (int, float)) and math.isfinite(v):
+                            self.writer.add_scalar(f"val/{task}/{k}", v, epoch + 1)
+                if self.best is None or score > self.best["score"]:
+                    self.best = dict(score=score, epoch=epoch + 1, metrics=metrics)
+                    checkpoint.save(self.out / "best.pt", self.state(epoch + 1))
+            self.history.append(entry)
+            if self.dist.is_main:
+                checkpoint.save(self.out / "last.pt", self.state(epoch + 1))
+            distributed.barrier(self.dist)
+        if self.dist.is_main:
+            if metrics is None:  # resumed at the end: evaluate what we have
+                metrics = self.evaluate()
+            self.report(metrics, time.time() - t0)
+        return metrics
+
+    def report(self, metrics: dict, seconds: float) -> None:
+        """Final ``metrics.json``, images of predictions and CTAL affinities, and a summary table."""
+        summary = dict(name=self.cfg.get("name"), metrics=metrics, best=self.best, epochs=self.epochs,
+                       steps=self.step, seconds=round(seconds, 1), history=self.history,
+                       ctal_backend=self.cfg["model"].get("ctal_backend"))
+        (self.out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+        n_img = int(self.cfg["train"].get("save_images", 4))
+        if n_img:
+            from .images import save_run_images
+            save_run_images(_unwrap(self.model), self.val_set, self.out / "images", n_img, self.device)
+        print(format_summary(metrics, self.best))
+        if self.writer:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        distributed.shutdown(self.dist)
+
+
+def format_summary(metrics: dict, best: Optional[dict] = None) -> str:
+    rows = [("task", "metric", "value")]
+    for task, vals in metrics.items():
+        for k, v in vals.items():
+            if isinstance(v, (int, float)):
+                rows.append((task, k, f"{v:.4f}"))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    if best:
+        lines.append(f"best score {best['score']:.4f} at epoch {best['epoch']}")
+    return "\n".join(lines)
