@@ -2,7 +2,7 @@
 #   make ext             build ctal._C (CUDA when nvcc is found, CPU-only otherwise)
 #   make ext-cpu         CPU-only build (fast; no nvcc)
 #   make test-ext        the extension's tests
-#   make bench-cpu       C++ vs PyTorch linear vs reference on CPU (writes benchmarks/results/)
+#   make bench-cpu       every CPU backend (C++, PyTorch linear/quadratic, reference) side by side
 #   make resource-usage  nvcc -Xptxas -v for every CUDA kernel: registers, shared memory, spills
 #   make sanitize        (GPU) compute-sanitizer memcheck + racecheck on a small case of both CUDA backends
 PY ?= .venv/bin/python
@@ -23,7 +23,7 @@ test-ext:
 	$(PY) -m pytest -q tests/test_extension.py
 
 bench-cpu:
-	$(PY) benchmarks/bench_cpu.py
+	$(PY) -m benchmarks.bench_ops --device cpu --shapes cpu
 
 # Include paths and C++ standard exactly as torch's cpp_extension would use them, plus the
 # headers pip's nvidia-* packages ship (cuBLAS etc.).

@@ -158,6 +158,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=900, help="seconds per case")
     ap.add_argument("--out", default=str(RESULTS), help="results folder ('' = do not write)")
+    ap.add_argument("--report", action="store_true", help="then render plots and update the README "
+                    "(python -m benchmarks.report)")
     args = ap.parse_args(argv)
     if args.case:
         print(json.dumps(_run_case(json.loads(args.case))), flush=True)
@@ -200,6 +202,9 @@ def main(argv=None) -> list[dict]:
         stem.with_suffix(".json").write_text(json.dumps(dict(env=env, results=results), indent=1))
         stem.with_suffix(".md").write_text(table)
         print(f"wrote {stem}.json and .md")
+        if args.report:
+            from benchmarks import report
+            report.main(["--results", str(out)])
     return results
 
 

@@ -5,9 +5,23 @@ import math
 from typing import Mapping, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+
+
+def _check_grid(size, name: str = "size") -> tuple[int, int]:
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+        raise ValueError(f"{name} must be a pair of positive ints (H, W), got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _check_backend(name) -> str:
+    if name != "auto" and name not in ops.backends():
+        raise ValueError(f"backend must be 'auto' or one of {sorted(ops.backends())}, got {name!r}")
+    return name
 
 
 class CrossTaskAffinity(nn.Module):
@@ -22,7 +36,10 @@ class CrossTaskAffinity(nn.Module):
         channels: feature channels C of every task.
         size: the feature grid ``(H, W)`` the fusion weights are built for.
         gamma: blend of the propagated features (the paper uses 0.05).
-        backend: any ``ctal.ops`` backend name, or ``"auto"``.
+        backend: any ``ctal.ops`` backend name, or ``"auto"``; a validated attribute, may be
+            changed at any time (an unknown name is a ValueError naming the valid ones).
+
+    ``size`` is read-only: :meth:`resample` re-grids the fusion weights to another grid.
     """
 
     def __init__(self, tasks: Union[Sequence[str], int], channels: int, size: tuple[int, int],
@@ -35,21 +52,65 @@ class CrossTaskAffinity(nn.Module):
             raise ValueError(f"tasks must be a non-empty list of distinct names, got {tasks!r}")
         if not isinstance(channels, int) or channels <= 0:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
-        if (not isinstance(size, (tuple, list)) or len(size) != 2
-                or not all(isinstance(s, int) and s > 0 for s in size)):
-            raise ValueError(f"size must be a pair of positive ints (H, W), got {size!r}")
-        if backend != "auto" and backend not in ops.backends():
-            raise ValueError(f"backend must be 'auto' or one of {sorted(ops.backends())}, got {backend!r}")
+        self._size = _check_grid(size)
+        self._backend = _check_backend(backend)
         self.tasks = tasks
         self.channels = channels
-        self.size = (int(size[0]), int(size[1]))
         self.gamma = float(gamma)
-        self.backend = backend
         T, N = len(tasks), self.size[0] * self.size[1]
         self.proj = nn.ModuleDict({t: nn.Conv2d(channels, channels, 3, padding=1) for t in tasks})
         self.weight = nn.Parameter(torch.empty(N, T, 3, 3))
         self.bias = nn.Parameter(torch.empty(N))
         self.reset_fusion_parameters()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The ``(H, W)`` feature grid the fusion weights are built for (change it with
+        :meth:`resample`)."""
+        return self._size
+
+    @property
+    def backend(self) -> str:
+        """The ``ctal.ops`` backend the op runs with (``"auto"`` or a name in ``ops.backends()``)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = _check_backend(name)
+
+    @torch.no_grad()
+    def resample(self, size: tuple[int, int], rescale: bool = True) -> "CrossTaskAffinity":
+        """Re-grid the per-query fusion kernels to a new ``(H, W)`` feature grid, in place; returns
+        ``self``. A resample to the current size changes nothing (same parameter objects).
+
+        Each query pixel owns a ``(T, 3, 3)`` kernel and a bias; they are treated as a ``9T + 1``
+        channel image over the query grid and resized bilinearly (antialiased when shrinking).
+        With ``rescale`` the result is multiplied by ``N_old / N_new``: ``y_i = sum_j M_ij v_j``
+        sums over all ``N`` keys, so keeping the per-key weight makes the output grow with ``N``.
+
+        This is an approximation, not an equivalence: the 3x3 stencil still spans one key cell,
+        which covers a different image distance on the new grid, and the learned kernels of
+        neighbouring queries are blended. Fine-tune after resampling. New ``nn.Parameter``
+        objects replace ``weight`` and ``bias``, so create the optimizer afterwards.
+        """
+        H1, W1 = _check_grid(size)
+        H0, W0 = self._size
+        if (H0, W0) == (H1, W1):
+            return self
+        T = len(self.tasks)
+        w = self.weight.detach().reshape(H0, W0, T * 9).permute(2, 0, 1)  # [9T, H0, W0]
+        b = self.bias.detach().reshape(1, H0, W0)
+        img = torch.cat([w, b], dim=0)[None]
+        shrink = H1 < H0 or W1 < W0
+        img = F.interpolate(img, size=(H1, W1), mode="bilinear", align_corners=False, antialias=shrink)[0]
+        if rescale:
+            img = img * (H0 * W0) / (H1 * W1)
+        new_w = img[:-1].permute(1, 2, 0).reshape(H1 * W1, T, 3, 3).contiguous()
+        new_b = img[-1].reshape(H1 * W1).contiguous()
+        self.weight = nn.Parameter(new_w, requires_grad=self.weight.requires_grad)
+        self.bias = nn.Parameter(new_b, requires_grad=self.bias.requires_grad)
+        self._size = (H1, W1)
+        return self
 
     def reset_fusion_parameters(self) -> None:
         """Initialize the fusion weight/bias exactly like ``nn.Conv2d(N*T, N, 3, groups=N)``."""
@@ -77,7 +138,7 @@ class CrossTaskAffinity(nn.Module):
             raise ValueError(
                 f"input grid {H}x{W} differs from the {self.size[0]}x{self.size[1]} grid this module's "
                 f"fusion weights were built for; build the module for this size "
-                f"(or resample the weights explicitly)")
+                f"(or re-grid the weights explicitly with .resample(({H}, {W})))")
         return x
 
     def forward(self, x: Union[Mapping[str, Tensor], Tensor]):

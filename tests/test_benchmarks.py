@@ -28,3 +28,28 @@ def test_failures_are_results():
 def test_shape_registry():
     assert resolve(["nyuv2"]) == {"nyuv2": (8, 3, 128, 72, 96)}
     assert len(resolve(["paper"])) == 4
+
+
+def test_report_renders_table_plots_and_readme(tmp_path):
+    from benchmarks import report
+    bench_ops.main(["--shapes", "sweep-9x12,sweep-18x24", "--backends", "reference,linear", "--modes", "fwd",
+                    "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    (newest,) = report.newest_per_device(tmp_path)
+    pngs = report.plot(newest)
+    assert {p.name.rsplit("-", 1)[1] for p in pngs} == {"time.png", "memory.png"}
+    section = report.readme_section([newest])
+    assert "| reference |" in section and newest.name in section
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.START}\nold table\n{report.END}\noutro\n")
+    report.update_readme(section, readme)
+    text = readme.read_text()
+    assert "old table" not in text and "| linear |" in text and text.endswith("outro\n")
+
+
+def test_bench_train_tiny(tmp_path):
+    from benchmarks import bench_train
+    results = bench_train.main(["--datasets", "tiny", "--models", "ctal", "--backends", "reference,linear",
+                                "--steps", "1", "--batch", "1", "--device", "cpu", "--out", str(tmp_path)])
+    assert [r["status"] for r in results] == ["ok", "ok"], results
+    assert results[1]["resolved_backend"] == "linear" and results[1]["images_per_s"] > 0
+    assert "speedup" in results[1] and list(tmp_path.glob("train-*.json"))

@@ -16,8 +16,7 @@ import torch
 
 import ctal.ops as ops
 from ctal.models import (CTALNet, HRNetBackbone, ResNetBackbone, SwinBackbone, build_model,
-                         list_models, load_hrnet_weights, load_swin_weights, paper_setup,
-                         resample_fusion)
+                         list_models, load_hrnet_weights, load_swin_weights, paper_setup)
 from ctal.tasks import output_channels
 
 HRNET = "hrnet_w18_small_v2"
@@ -273,7 +272,10 @@ def check_contract(out, tasks, num_classes, B, size):
 
 EXPECTED_AUX = {"ctal": {"initial"}, "padnet": {"initial"}, "papnet": {"initial"},
                 "m_ctal": {f"scale_{i}" for i in range(4)}, "mti_net": {f"scale_{i}" for i in range(4)},
-                "stl": set(), "hps": set(), "stl_resnet": set(), "hps_resnet": set()}
+                "stl": set(), "hps": set(), "stl_resnet": set(), "hps_resnet": set(),
+                # the other seed systems (forward/backward in tests/test_seed_systems.py)
+                "cross_stitch": set(), "nddr_cnn": set(), "mtan": set(),
+                "sca": {f"scale_{i}" for i in range(4)}}
 
 
 def run_fwd_bwd(name, backbone, tasks, num_classes):
@@ -432,18 +434,18 @@ def test_resample_ctal_to_a_new_grid(name):
         model(torch.randn(1, 3, *SIZE))
 
 
-def test_resample_fusion_keeps_a_smooth_field_and_is_identity_on_same_grid():
+def test_resample_keeps_a_smooth_field_and_is_identity_on_same_grid():
     model = build_model("ctal", ["semseg", "depth"], {"semseg": 3}, input_size=(64, 64))
     aff = model.ctal.affinity
     before = aff.weight.detach().clone()
-    resample_fusion(aff, (16, 16))
+    aff.resample((16, 16))
     assert torch.equal(aff.weight, before)
     # A field varying linearly along W (per query column) is reproduced in the interior
     # of the new grid up to the documented N rescaling.
     cols = torch.arange(16, dtype=torch.float32).repeat(16)  # query i = r*16 + c -> c
     with torch.no_grad():
         aff.weight.copy_(cols[:, None, None, None].expand_as(aff.weight))
-    resample_fusion(aff, (16, 32), rescale=False)
+    aff.resample((16, 32), rescale=False)
     w = aff.weight.detach().reshape(16, 32, -1)[:, :, 0]
     expected = (torch.arange(32, dtype=torch.float32) + 0.5) / 2 - 0.5
     assert torch.allclose(w[:, 1:-1], expected[1:-1].expand(16, 30), atol=1e-5)

@@ -77,3 +77,49 @@ def test_module_errors():
         ctal.CrossTaskAffinity(2, 3, (4, 4), backend="nope")
     with pytest.raises(ValueError, match="distinct"):
         ctal.CrossTaskAffinity(["a", "a"], 3, (4, 4))
+
+
+def test_resample_regrids_the_fusion_parameters():
+    torch.manual_seed(0)
+    mod = ctal.CrossTaskAffinity(["a", "b", "c"], 4, (4, 6), backend="reference").double()
+    w0, b0 = mod.weight, mod.bias
+    x = torch.randn(2, 3, 4, 4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y0 = mod(x)
+    # same size: the identity (same parameter objects, same values, same output)
+    assert mod.resample((4, 6)) is mod
+    assert mod.weight is w0 and mod.bias is b0 and mod.size == (4, 6)
+    with torch.no_grad():
+        assert torch.equal(mod(x), y0)
+    # another size: new parameters of the new grid's shapes, same dtype; the module then runs there
+    mod.resample((8, 3))
+    assert mod.size == (8, 3)
+    assert tuple(mod.weight.shape) == (24, 3, 3, 3) and tuple(mod.bias.shape) == (24,)
+    assert mod.weight.dtype == torch.float64 and mod.weight.requires_grad
+    assert mod.weight is not w0 and dict(mod.named_parameters())["weight"] is mod.weight
+    assert mod(torch.randn(1, 3, 4, 8, 3, dtype=torch.float64)).shape == (1, 3, 4, 8, 3)
+    with pytest.raises(ValueError, match="input grid 4x6 differs"):
+        mod(x)
+    # a constant field stays constant, scaled by N_old / N_new (rescale=True)
+    with torch.no_grad():
+        mod.weight.fill_(0.5)
+        mod.bias.fill_(-1.0)
+    mod.resample((2, 3))  # 24 -> 6 query pixels: the per-key weights grow 4x
+    assert torch.allclose(mod.weight, torch.full_like(mod.weight, 0.5 * 4))
+    assert torch.allclose(mod.bias, torch.full_like(mod.bias, -1.0 * 4))
+    mod.resample((4, 6), rescale=False)
+    assert torch.allclose(mod.bias, torch.full_like(mod.bias, -4.0))
+    with pytest.raises(ValueError, match="size must be a pair"):
+        mod.resample((0, 3))
+    with pytest.raises(AttributeError):
+        mod.size = (5, 5)  # only resample changes the grid
+
+
+def test_backend_is_a_validated_attribute():
+    mod = ctal.CrossTaskAffinity(2, 3, (4, 4))
+    assert mod.backend == "auto"
+    mod.backend = "reference"
+    assert mod.backend == "reference"
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \[.*'reference'"):
+        mod.backend = "nope"
+    assert mod.backend == "reference"

@@ -77,6 +77,15 @@ def build_model(cfg: dict, dataset) -> nn.Module:
 
 
 def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg["optim"]`` over ``params``: a list of tensors, or a list of
+    parameter-group dicts (``{"params": [...], "lr": ..., ...}``, e.g. a model's
+    ``optimizer_param_groups``); a group without ``lr`` gets ``optim.lr``."""
+    params = list(params)
+    if any(isinstance(p, dict) for p in params):
+        bad = [i for i, g in enumerate(params) if not isinstance(g, dict) or "params" not in g]
+        if bad:
+            raise TypeError(f"build_optimizer: mix of tensors and parameter groups, or groups without "
+                            f"'params' (entries {bad[:5]}); pass a list of tensors or a list of group dicts")
     o = cfg["optim"]
     name = o["name"].lower()
     if name == "adam":
@@ -158,7 +167,17 @@ class Trainer:
         lcfg = dict(cfg.get("loss") or {})
         self.criterion = MultiTaskLoss(self.tasks, **lcfg).to(self.device)
         # The loss module's parameters (uncertainty log-variances) are optimized with the model.
-        params = list(self.model.parameters()) + list(self.criterion.parameters())
+        # Models with their own learning-rate scheme (Cross-Stitch, NDDR-CNN: mixing parameters at
+        # a multiple of the base rate) provide the groups; the loss parameters join at the base rate.
+        loss_params = list(self.criterion.parameters())
+        model = _unwrap(self.model)
+        if hasattr(model, "optimizer_param_groups"):
+            base_lr = float(cfg["optim"]["lr"])
+            params = list(model.optimizer_param_groups(base_lr))
+            if loss_params:
+                params.append({"name": "loss", "params": loss_params, "lr": base_lr})
+        else:
+            params = list(self.model.parameters()) + loss_params
         self.epochs = int(train.get("epochs", 1))
         self.optimizer = build_optimizer(cfg, params)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.epochs)
@@ -264,7 +283,7 @@ class Trainer:
             out = _float_outputs(out)  # losses in fp32 even under autocast
             total, parts = self.criterion(out, targets)
             if not torch.isfinite(total):
-                raise FloatingPointError(f"non-finite loss {total.item()} at epoch {epoch + 1} step {i}: "
+                raise FloatingPointError(f"non-finite loss {total.detach().item()} at epoch {epoch + 1} step {i}: "
                                          f"{ {t: float(v) for t, v in parts.items()} }")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
@@ -278,7 +297,7 @@ class Trainer:
             for t in self.tasks:
                 sums[t] += float(parts[t].detach())
             if self.writer and self.step % log_every == 0:
-                self.writer.add_scalar("train/loss", float(total), self.step)
+                self.writer.add_scalar("train/loss", float(total.detach()), self.step)
                 for t in self.tasks:
                     self.writer.add_scalar(f"train/loss_{t}", float(parts[t]), self.step)
             bar.set_postfix(loss=f"{float(total.detach()):.3f}")
@@ -305,7 +324,8 @@ class Trainer:
         for epoch in range(self.start_epoch, self.epochs):
             avg = self.train_epoch(epoch, max_steps)
             last = epoch + 1 == self.epochs
-            entry = dict(epoch=epoch + 1, train_loss=avg, lr=self.optimizer.param_groups[0]["lr"],
+            entry = dict(epoch=epoch + 1, train_loss=avg, lr=next((g["lr"] for g in self.optimizer.param_groups if g.get("name") == "base"),
+                                                   self.optimizer.param_groups[0]["lr"]),
                          loss_weights=self.criterion.current_weights())
             if self.dist.is_main and (last or (epoch + 1) % eval_every == 0):
                 metrics = self.evaluate()

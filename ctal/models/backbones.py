@@ -1,10 +1,11 @@
-"""Backbones: HRNet-W18-small-v2 (timm), Swin-v2 T/S/B and dilated ResNet-18/50 (torchvision),
+"""Backbones: HRNet-W18-small-v2 (timm), Swin-v2 T/S/B and (dilated) ResNet-18/50 (torchvision),
 with weight loaders.
 
 HRNet-W18-small-v2 returns its four branches ``[1/4: 18, 1/8: 36, 1/16: 72, 1/32: 144]``;
 :class:`HRNetFuse` turns them into one 1/4 map (upsample, concat 270 channels, 1x1 conv + BN +
 ReLU) for the single-scale models. Swin-v2 returns the last stage (1/32, 768/768/1024 channels)
-after the final LayerNorm, permuted to NCHW.
+after the final LayerNorm, permuted to NCHW. :class:`ResNetBackbone` returns ``layer4`` (output
+stride 8 when dilated, the default) and can also run stage by stage (Cross-Stitch, NDDR, MTAN).
 
 Weights never download implicitly: ``pretrained=False`` is the default everywhere. ``pretrained=True``
 asks the library (timm / torchvision) to download its ImageNet weights and, when that fails
@@ -22,7 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["HRNetBackbone", "HRNetFuse", "SwinBackbone", "ResNetBackbone", "LoadReport",
-           "load_hrnet_weights", "load_swin_weights", "load_resnet_weights", "build_backbone", "BACKBONES", "HRNET_OFFICIAL_URL"]
+           "load_hrnet_weights", "load_swin_weights", "load_resnet_weights", "build_backbone",
+           "BACKBONES", "HRNET_OFFICIAL_URL", "RESNET_BACKBONES", "RESNET_STAGES",
+           "RESNET_STAGE_CHANNELS", "dilate_basic_layer", "is_resnet", "parse_resnet_name"]
 
 HRNET_CHANNELS = (18, 36, 72, 144)
 HRNET_OFFICIAL_URL = "https://github.com/HRNet/HRNet-Image-Classification (HRNet-W18-C-Small-v2)"
@@ -251,85 +254,176 @@ def _swin_torchvision_pretrained(backbone: SwinBackbone) -> LoadReport:
     return _load(backbone, sd, f"torchvision:{w}", _SWIN_HEAD_PREFIXES, strict=True)
 
 
-RESNET_CHANNELS = {"resnet18": 512, "resnet50": 2048}
+# Channels after each stage of the ResNets. "conv" = stem (conv1 + bn + relu + maxpool);
+# "layer1" = stem + layer1 (the stage the Cross-Stitch / MTAN code calls layer1);
+# "layer1_without_conv" = layer1 alone (NDDR-CNN puts a fusion layer after the stem as well).
+RESNET_STAGE_CHANNELS = {
+    18: {"conv": 64, "layer1": 64, "layer1_without_conv": 64, "layer2": 128, "layer3": 256, "layer4": 512},
+    50: {"conv": 64, "layer1": 256, "layer1_without_conv": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
+}
+RESNET_STAGES = ("conv", "layer1", "layer1_without_conv", "layer2", "layer3", "layer4")
+RESNET_BACKBONES = tuple(f"resnet{d}" for d in RESNET_STAGE_CHANNELS)
 _RESNET_HEAD_PREFIXES = ("fc.",)
 
 
+def parse_resnet_name(name) -> int:
+    """``"resnet18"`` / ``18`` -> 18, ``"resnet50"`` / ``50`` -> 50; anything else is a ValueError."""
+    if isinstance(name, int) and not isinstance(name, bool) and name in RESNET_STAGE_CHANNELS:
+        return name
+    for depth in RESNET_STAGE_CHANNELS:
+        if name == f"resnet{depth}":
+            return depth
+    raise ValueError(f"unknown ResNet backbone {name!r}; expected one of {list(RESNET_BACKBONES)} "
+                     f"(or the depth {sorted(RESNET_STAGE_CHANNELS)})")
+
+
+def is_resnet(name) -> bool:
+    return isinstance(name, str) and name in RESNET_BACKBONES
+
+
+def dilate_basic_layer(layer: nn.Sequential, dilation: int, previous_dilation: int) -> None:
+    """Turn a strided BasicBlock stage into a dilated one in place: stride 1 everywhere; the first
+    block's first 3x3 conv (the one that used to stride) gets ``previous_dilation``, every other
+    3x3 conv ``dilation`` (padding = dilation keeps the grid). This is the rule torchvision applies
+    to Bottleneck stages (``replace_stride_with_dilation``, which refuses BasicBlocks), and what
+    the protocol's dilated ResNet-18 computes."""
+    from torchvision.models.resnet import BasicBlock
+    for i, block in enumerate(layer):
+        if not isinstance(block, BasicBlock):
+            raise TypeError(f"dilate_basic_layer expects BasicBlocks, got {type(block).__name__}")
+        for j, conv in enumerate((block.conv1, block.conv2)):
+            d = previous_dilation if (i == 0 and j == 0) else dilation
+            conv.stride, conv.dilation, conv.padding = (1, 1), (d, d), (d, d)
+        if block.downsample is not None:
+            block.downsample[0].stride = (1, 1)
+        block.stride = 1
+
+
 class ResNetBackbone(nn.Module):
-    """Dilated ResNet-18/50 (torchvision blocks) at output stride 8, the backbone of the
-    Multi-Task-Learning-PyTorch baselines (NYUD: ResNet-50, PASCAL: ResNet-18).
+    """torchvision ResNet-18/50 without ``avgpool``/``fc``, runnable stage by stage: the backbone
+    of the Multi-Task-Learning-PyTorch baselines (NYUD: ResNet-50, PASCAL: ResNet-18) and of
+    Cross-Stitch, NDDR-CNN and MTAN, which mix features *between* stages (``forward_stage``; MTAN
+    also splits each stage before its last block). Module names are torchvision's own
+    (``conv1``, ``bn1``, ``layer1`` ... ``layer4``), so its ImageNet files load without renaming.
 
-    The strided convolutions of ``layer3`` and ``layer4`` get stride 1; the following 3x3
-    convolutions are dilated by 2 (``layer3``) and 4 (``layer4``), the strided 3x3 itself by half
-    that, so the receptive field grows as it would have with the strides. Done on the module
-    attributes because torchvision's ``replace_stride_with_dilation`` refuses BasicBlocks.
-    Returns the ``layer4`` output: ``(B, 512 | 2048, H/8, W/8)``.
+    Dilation (``dilated=True``, the default): the strides of ``layer3`` and ``layer4`` are
+    replaced by dilation 2 and 4 (output stride 8 instead of 32), the DeepLab recipe: the strided
+    3x3 conv of a stage keeps the previous dilation, every other 3x3 conv of the stage gets the
+    new one (torchvision's rule for Bottleneck; ResNet-18 via :func:`dilate_basic_layer`).
+    Dilation changes no parameter, only the receptive field and the feature grid.
+    ``forward`` returns the ``layer4`` output ``(B, 512 | 2048, H/8, W/8)`` (``H/32`` undilated).
+
+    Args:
+        depth: 18 or 50 (or the name ``"resnet18"`` / ``"resnet50"``).
+        dilated: replace the strides of layer3/layer4 by dilation 2/4 (output stride 8).
+        pretrained: load torchvision's ImageNet weights (download; a clear error when offline).
+        weights: a local torchvision ResNet weight file or state dict (``fc.*`` is dropped and
+            missing / unexpected keys are reported in ``self.load_report``).
     """
-    reduction = 8
 
-    def __init__(self, variant: str = "resnet50", pretrained: bool = False,
-                 weights: Union[str, os.PathLike, dict, None] = None, dilated: bool = True):
+    def __init__(self, depth: Union[int, str] = 50, dilated: bool = True, pretrained: bool = False,
+                 weights: Union[str, os.PathLike, dict, None] = None):
         super().__init__()
-        if variant not in RESNET_CHANNELS:
-            raise ValueError(f"variant must be one of {sorted(RESNET_CHANNELS)}, got {variant!r}")
-        import torchvision.models as tvm
-        net = getattr(tvm, variant)(weights=None)
-        self.variant, self.channels = variant, RESNET_CHANNELS[variant]
+        depth = parse_resnet_name(depth)
+        if not isinstance(dilated, bool):
+            raise TypeError(f"dilated must be a bool, got {dilated!r}")
+        from torchvision.models import resnet as tv_resnet
+        self.depth, self.dilated = depth, dilated
+        if depth == 50:
+            net = tv_resnet.resnet50(weights=None, replace_stride_with_dilation=[False, dilated, dilated])
+        else:
+            net = tv_resnet.resnet18(weights=None)
+            if dilated:
+                dilate_basic_layer(net.layer3, 2, 1)
+                dilate_basic_layer(net.layer4, 4, 2)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        if dilated:
-            _dilate(self.layer3, 2)
-            _dilate(self.layer4, 4)
-        else:
-            self.reduction = 32
+        self.stage_channels = dict(RESNET_STAGE_CHANNELS[depth])
+        self.channels = self.stage_channels["layer4"]
+        self.reduction = 8 if dilated else 32
         self.load_report: Optional[LoadReport] = None
         if weights is not None:
             self.load_report = load_resnet_weights(self, weights)
         elif pretrained:
-            w = getattr(tvm, {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights"}[variant]).IMAGENET1K_V1
-            try:
-                sd = w.get_state_dict(progress=False)
-            except Exception as err:
-                raise _offline_error(variant, f"Download {w.url} on a connected machine and pass "
-                                     f"weights='/path/to/{os.path.basename(w.url)}', or use pretrained=False.",
-                                     err) from err
-            self.load_report = _load(self, sd, f"torchvision:{w}", _RESNET_HEAD_PREFIXES, strict=True)
+            self.load_report = _resnet_torchvision_pretrained(self)
+
+    @property
+    def variant(self) -> str:
+        return f"resnet{self.depth}"
+
+    def stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
 
+    def forward_stage(self, x: Tensor, stage: str) -> Tensor:
+        """Run one stage: ``conv`` (stem), ``layer1`` (stem + layer1), ``layer1_without_conv``,
+        ``layer2``, ``layer3``, ``layer4``."""
+        if stage == "conv":
+            return self.stem(x)
+        if stage == "layer1":
+            return self.layer1(self.stem(x))
+        if stage == "layer1_without_conv":
+            return self.layer1(x)
+        if stage in ("layer2", "layer3", "layer4"):
+            return getattr(self, stage)(x)
+        raise ValueError(f"unknown stage {stage!r}; expected one of {RESNET_STAGES}")
 
-def _dilate(layer: nn.Module, dilation: int) -> None:
-    for m in layer.modules():
-        if not isinstance(m, nn.Conv2d):
-            continue
-        k3 = m.kernel_size == (3, 3)
-        if m.stride == (2, 2):
-            m.stride = (1, 1)
-            if k3:
-                m.dilation = m.padding = (dilation // 2, dilation // 2)
-        elif k3:
-            m.dilation = m.padding = (dilation, dilation)
+    def forward_stage_except_last_block(self, x: Tensor, stage: str) -> Tensor:
+        """``layerK`` without its last residual block (``layer1`` includes the stem)."""
+        if stage not in ("layer1", "layer2", "layer3", "layer4"):
+            raise ValueError(f"stage must be layer1..layer4, got {stage!r}")
+        if stage == "layer1":
+            x = self.stem(x)
+        return getattr(self, stage)[:-1](x)
+
+    def forward_stage_last_block(self, x: Tensor, stage: str) -> Tensor:
+        if stage not in ("layer1", "layer2", "layer3", "layer4"):
+            raise ValueError(f"stage must be layer1..layer4, got {stage!r}")
+        return getattr(self, stage)[-1](x)
+
+    def extra_repr(self) -> str:
+        return f"depth={self.depth}, dilated={self.dilated}, output_stride={self.reduction}"
 
 
 def load_resnet_weights(backbone: ResNetBackbone, weights: Union[str, os.PathLike, dict],
                         strict: bool = False) -> LoadReport:
-    """Load a torchvision ResNet ImageNet file; ``fc.*`` is dropped, other mismatches reported."""
+    """Load a torchvision ResNet state dict / file (e.g. ``resnet50-0676ba61.pth``) into
+    ``backbone``; the classifier ``fc.*`` is dropped, missing / unexpected keys are reported."""
     sd, source = _read_state_dict(weights)
     return _load(backbone, sd, source, _RESNET_HEAD_PREFIXES, strict)
+
+
+def _resnet_torchvision_pretrained(backbone: ResNetBackbone) -> LoadReport:
+    from torchvision.models import resnet as tv_resnet
+    enum = {18: tv_resnet.ResNet18_Weights, 50: tv_resnet.ResNet50_Weights}[backbone.depth].IMAGENET1K_V1
+    try:
+        sd = enum.get_state_dict(progress=False)
+    except Exception as err:  # network / hub errors come in many types
+        raise _offline_error(
+            backbone.variant,
+            f"Download {enum.url} on a connected machine and pass weights='/path/to/"
+            f"{os.path.basename(enum.url)}', or use pretrained=False.", err) from err
+    return _load(backbone, sd, f"torchvision:{enum}", _RESNET_HEAD_PREFIXES, strict=True)
 
 
 BACKBONES = ("hrnet_w18_small_v2", "swin_v2_t", "swin_v2_s", "swin_v2_b", "resnet18", "resnet50")
 
 
 def build_backbone(name: str, pretrained: bool = False,
-                   weights: Union[str, os.PathLike, dict, None] = None) -> nn.Module:
-    """Backbone by name (one of :data:`BACKBONES`; ``"hrnet_w18"`` is accepted for HRNet)."""
+                   weights: Union[str, os.PathLike, dict, None] = None,
+                   dilated: Optional[bool] = None) -> nn.Module:
+    """Backbone by name (one of :data:`BACKBONES`; ``"hrnet_w18"`` is accepted for HRNet).
+    ``dilated`` applies to the ResNets only (default True: output stride 8)."""
+    if dilated is not None and name not in RESNET_BACKBONES:
+        raise ValueError(f"dilated={dilated!r} applies to the ResNet backbones {RESNET_BACKBONES} only, "
+                         f"not {name!r}")
     if name in ("hrnet_w18_small_v2", "hrnet_w18", "hrnet18"):
         return HRNetBackbone(pretrained=pretrained, weights=weights)
     if name in SWIN_CHANNELS:
         return SwinBackbone(name, pretrained=pretrained, weights=weights)
-    if name in RESNET_CHANNELS:
-        return ResNetBackbone(name, pretrained=pretrained, weights=weights)
+    if name in RESNET_BACKBONES:
+        return ResNetBackbone(name, dilated=True if dilated is None else dilated, pretrained=pretrained,
+                              weights=weights)
     raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")

@@ -1,8 +1,12 @@
 """The baselines the CTAL paper compares with, built as its code builds them.
 
 - :class:`SingleTaskNet` (STL): one backbone + one head per task. HRNet: ``HRNetHead`` on the 4
-  branches; Swin: DeepLab head on the 1/32 features.
-- :class:`HardSharingNet` (HPS): one shared backbone, one head per task (heads as STL).
+  branches; Swin: DeepLab head on the 1/32 features; (dilated) ResNet-18/50: DeepLab-v3 head on
+  ``layer4`` (the registry's ``stl_resnet``, the Multi-Task-Learning-PyTorch single-task
+  baselines whose weights ``ctal.models.seed_systems.init_from_single_task`` copies into
+  Cross-Stitch / NDDR-CNN).
+- :class:`HardSharingNet` (HPS): one shared backbone, one head per task (heads as STL; on ResNet
+  the registry's ``hps_resnet``, the protocol's "multi-task baseline").
 - :class:`PADNet`: [HRNet fused at 1/4 | Swin 1/32] -> per task 2 Bottlenecks (256) + initial
   prediction -> multi-modal distillation (each task adds spatially-attended features of every
   other task, ``SABlock``) -> [2 Bottlenecks + 1x1 conv | DeepLab head] on 256 channels.
@@ -16,7 +20,7 @@ All accept any input size that is a multiple of 32 (no grid-bound parameters).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +43,15 @@ def _task_head(backbone: nn.Module, num_outputs: int) -> nn.Module:
 
 class SingleTaskNet(MultiTaskModel):
     """STL: an independent backbone and head for every task (one network per task, evaluated
-    together for convenience). ``aux`` is empty."""
+    together for convenience; the networks share nothing, so this equals training them
+    separately up to the loss weighting). ``aux`` is empty. ``dilated`` (ResNet backbones only,
+    default True) chooses output stride 8 or 32."""
 
     def __init__(self, tasks, num_outputs, input_size, backbone: str = "hrnet_w18_small_v2",
-                 pretrained: bool = False, weights=None):
+                 pretrained: bool = False, weights=None, dilated: Optional[bool] = None):
         super().__init__(tasks, num_outputs, input_size)
-        self.backbones = nn.ModuleDict({t: build_backbone(backbone, pretrained, weights) for t in self.tasks})
+        self.backbones = nn.ModuleDict({t: build_backbone(backbone, pretrained, weights, dilated)
+                                        for t in self.tasks})
         self.heads = nn.ModuleDict({t: _task_head(self.backbones[t], self.num_outputs[t]) for t in self.tasks})
 
     def forward(self, x: Tensor) -> dict:
@@ -54,12 +61,13 @@ class SingleTaskNet(MultiTaskModel):
 
 
 class HardSharingNet(MultiTaskModel):
-    """HPS: shared backbone, task-specific heads. ``aux`` is empty."""
+    """HPS: shared backbone, task-specific heads. ``aux`` is empty. ``dilated``: as
+    :class:`SingleTaskNet`."""
 
     def __init__(self, tasks, num_outputs, input_size, backbone: str = "hrnet_w18_small_v2",
-                 pretrained: bool = False, weights=None):
+                 pretrained: bool = False, weights=None, dilated: Optional[bool] = None):
         super().__init__(tasks, num_outputs, input_size)
-        self.backbone = build_backbone(backbone, pretrained, weights)
+        self.backbone = build_backbone(backbone, pretrained, weights, dilated)
         self.heads = nn.ModuleDict({t: _task_head(self.backbone, self.num_outputs[t]) for t in self.tasks})
 
     def forward(self, x: Tensor) -> dict:

@@ -26,59 +26,15 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
 from ..nn import CrossTaskAffinity
 from .backbones import HRNET_CHANNELS, HRNetBackbone, HRNetFuse, SwinBackbone, build_backbone
 from .base import MultiTaskModel, check_size
 from .blocks import FPM, InitialTaskPredictions, ScaleInitialPrediction
 from .heads import BottleneckHead, DeepLabHead
 
-__all__ = ["CTALBlock", "CTALNet", "MCTALNet", "resample_fusion"]
-
-
-def resample_fusion(module: CrossTaskAffinity, size: tuple[int, int], rescale: bool = True) -> None:
-    """Re-grid the per-query fusion kernels of ``module`` to a new ``(H, W)`` feature grid, in place.
-
-    Each query pixel owns a ``(T, 3, 3)`` kernel and a bias; they are treated as a ``9T + 1``
-    channel image over the query grid and resized bilinearly (antialiased when shrinking).
-    With ``rescale`` the result is multiplied by ``N_old / N_new``: ``y_i = sum_j M_ij v_j`` sums
-    over all ``N`` keys, so keeping the per-key weight makes the output grow with ``N``.
-
-    This is an approximation, not an equivalence: the 3x3 stencil still spans one key cell, which
-    covers a different image distance on the new grid, and the learned kernels of neighbouring
-    queries are blended. Fine-tune after resampling. New ``nn.Parameter`` objects replace the old
-    ones, so create the optimizer afterwards.
-    """
-    H1, W1 = check_grid(size)
-    H0, W0 = module.size
-    if (H0, W0) == (H1, W1):
-        return
-    T = len(module.tasks)
-    with torch.no_grad():
-        w = module.weight.detach().reshape(H0, W0, T * 9).permute(2, 0, 1)  # [9T, H0, W0]
-        b = module.bias.detach().reshape(1, H0, W0)
-        img = torch.cat([w, b], dim=0)[None]
-        shrink = H1 < H0 or W1 < W0
-        img = F.interpolate(img, size=(H1, W1), mode="bilinear", align_corners=False,
-                            antialias=shrink)[0]
-        if rescale:
-            img = img * (H0 * W0) / (H1 * W1)
-        new_w = img[:-1].permute(1, 2, 0).reshape(H1 * W1, T, 3, 3).contiguous()
-        new_b = img[-1].reshape(H1 * W1).contiguous()
-    module.weight = nn.Parameter(new_w, requires_grad=module.weight.requires_grad)
-    module.bias = nn.Parameter(new_b, requires_grad=module.bias.requires_grad)
-    module.size = (H1, W1)
-
-
-def check_grid(size) -> tuple[int, int]:
-    if (not isinstance(size, (tuple, list)) or len(size) != 2
-            or not all(isinstance(s, int) and s > 0 for s in size)):
-        raise ValueError(f"grid size must be a pair of positive ints, got {size!r}")
-    return int(size[0]), int(size[1])
+__all__ = ["CTALBlock", "CTALNet", "MCTALNet"]
 
 
 class CTALBlock(nn.Module):
@@ -100,7 +56,7 @@ class CTALBlock(nn.Module):
             return nn.Conv2d(in_channels, channels, 1)
 
         self.conv_in = nn.ModuleDict({t: reduce() for t in self.tasks})
-        self.affinity = CrossTaskAffinity(self.tasks, channels, check_grid(size), gamma=gamma,
+        self.affinity = CrossTaskAffinity(self.tasks, channels, size, gamma=gamma,
                                           backend=backend)
         self.conv_out = nn.ModuleDict({t: nn.Sequential(
             nn.ConvTranspose2d(channels, channels, 2, stride=2), nn.BatchNorm2d(channels), nn.ReLU(),
@@ -112,9 +68,7 @@ class CTALBlock(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        if name != "auto" and name not in ops.backends():
-            raise ValueError(f"backend must be 'auto' or one of {sorted(ops.backends())}, got {name!r}")
-        self.affinity.backend = name
+        self.affinity.backend = name  # validated by CrossTaskAffinity
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         x = {t: self.conv_in[t](features[t]) for t in self.tasks}
@@ -139,9 +93,10 @@ class _CTALModel(MultiTaskModel):
 
     def resample_ctal(self, input_size, rescale: bool = True) -> "_CTALModel":
         """Re-grid the CTAL fusion weights for images of ``input_size`` (approximate, see
-        :func:`resample_fusion`); afterwards the model accepts only the new size."""
+        :meth:`ctal.nn.CrossTaskAffinity.resample`); afterwards the model accepts only the new
+        size. Create the optimizer afterwards (the fusion parameters are new objects)."""
         H, W = check_size(input_size)
-        resample_fusion(self.ctal.affinity, self._grid((H, W)), rescale=rescale)
+        self.ctal.affinity.resample(self._grid((H, W)), rescale=rescale)
         self.input_size = (H, W)
         return self
 

@@ -1,0 +1,144 @@
+"""End-to-end training throughput: ``python -m benchmarks.bench_train``.
+
+Images/s and peak memory of full training steps (forward, multitask loss with deep supervision,
+backward, Adam step) of CTALNet and M-CTALNet on random NYUv2- or Cityscapes-shaped batches, with
+the CTAL op on the literal ``reference`` path vs another backend (default: what ``auto`` picks),
+side by side in one run. Each case runs in its own subprocess (honest peak memory; an
+out-of-memory is a recorded result). Writes ``benchmarks/results/train-<device>-<date>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.bench_ops import RESULTS, environment
+
+SETTINGS = {  # the paper's training shapes: input size, tasks, classes
+    "nyuv2": ((288, 384), ["semseg", "depth", "normals"], {"semseg": 13}),
+    "cityscapes": ((128, 256), ["semseg", "depth"], {"semseg": 19}),
+    "tiny": ((64, 64), ["semseg", "depth"], {"semseg": 5}),  # smoke test of the harness
+}
+
+
+def _run_case(case: dict) -> dict:
+    import torch
+    from ctal.losses import MultiTaskLoss
+    from ctal.models import build_model
+
+    dev = torch.device(case["device"])
+    (H, W), tasks, classes = SETTINGS[case["dataset"]]
+    torch.manual_seed(0)
+    model = build_model(case["model"], tasks, classes, (H, W), ctal_backend=case["backend"]).to(dev)
+    crit = MultiTaskLoss(tasks)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    B = case["batch"]
+    images = torch.randn(B, 3, H, W, device=dev)
+    targets = {"semseg": torch.randint(0, classes["semseg"], (B, H, W), device=dev),
+               "depth": torch.rand(B, 1, H, W, device=dev) + 0.5,
+               "normals": torch.nn.functional.normalize(torch.randn(B, 3, H, W, device=dev), dim=1)}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def step():
+        total, _ = crit(model(images), {t: targets[t] for t in tasks})
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+
+    step()  # warm-up: lazy init, allocator, optimizer state
+    sync()
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for _ in range(case["steps"]):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == "cuda"
+            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024)
+    med = statistics.median(times)
+    from ctal.nn import CrossTaskAffinity
+    block = next(m for m in model.modules() if isinstance(m, CrossTaskAffinity))
+    from ctal import ops
+    x = torch.zeros(B, len(tasks), block.channels, *block.size, device=dev)
+    return dict(status="ok", resolved_backend=ops.explain(x, backend=case["backend"]).backend,
+                step_ms=med * 1e3, images_per_s=B / med, peak_mb=peak)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--datasets", default="nyuv2,cityscapes")
+    ap.add_argument("--models", default="ctal,m_ctal")
+    ap.add_argument("--backends", default="reference,auto", help="CTAL op backends to compare")
+    ap.add_argument("--batch", type=int, default=None, help="default 8 on CUDA (the paper's), 2 on CPU")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    if args.case:
+        print(json.dumps(_run_case(json.loads(args.case))), flush=True)
+        return []
+    import subprocess
+
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    batch = args.batch or (8 if device == "cuda" else 2)
+    results = []
+    root = Path(__file__).resolve().parent.parent
+    for ds in args.datasets.split(","):
+        for model in args.models.split(","):
+            for backend in args.backends.split(","):
+                case = dict(dataset=ds, model=model, backend=backend, device=device, batch=batch, steps=args.steps)
+                try:
+                    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--case", json.dumps(case)],
+                                         capture_output=True, text=True, timeout=args.timeout, cwd=root)
+                    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+                    if out.returncode == 0 and lines:
+                        r = dict(case, **json.loads(lines[-1]))
+                    else:
+                        err = (out.stderr.strip().splitlines() or ["killed (likely out of memory)"])[-1]
+                        oom = "out of memory" in err.lower() or out.returncode in (-9, 137)
+                        r = dict(case, status="oom" if oom else "error", error=err[:300])
+                except subprocess.TimeoutExpired:
+                    r = dict(case, status=f"timeout>{args.timeout:.0f}s")
+                print(json.dumps(r), flush=True)
+                results.append(r)
+    for r in results:
+        ref = next((q for q in results if q["backend"] == "reference" and q["dataset"] == r["dataset"]
+                    and q["model"] == r["model"] and q["status"] == "ok"), None)
+        if ref and r["status"] == "ok":
+            r["speedup"] = r["images_per_s"] / ref["images_per_s"]
+    env = environment(device)
+    lines = [f"Training step (fwd + loss + bwd + Adam), {env.get('gpu') or 'CPU'}, batch {batch}, "
+             f"torch {env['torch']}, {env['date'][:10]}", "",
+             "| dataset | model | CTAL backend | images/s | step ms | peak MB | vs reference |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        if r["status"] != "ok":
+            lines.append(f"| {r['dataset']} | {r['model']} | {r['backend']} | {r['status']} | | | |")
+        else:
+            name = r["backend"] if r["backend"] != "auto" else f"auto ({r['resolved_backend']})"
+            lines.append(f"| {r['dataset']} | {r['model']} | {name} | {r['images_per_s']:.2f} | "
+                         f"{r['step_ms']:.0f} | {r['peak_mb']:.0f} | {r.get('speedup', 0):.2f}x |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        slug = (env.get("gpu") or f"cpu{env['cpu_count']}").replace(" ", "-").lower()
+        stem = out / f"train-{slug}-{env['date'][:10]}"
+        stem.with_suffix(".json").write_text(json.dumps(dict(env=env, results=results), indent=1))
+        stem.with_suffix(".md").write_text(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
