@@ -226,8 +226,6 @@ def test_paper_config_builds_and_steps(name):
     tasks = cfg["data"]["tasks"]
     m = dict(cfg["model"], pretrained=False)
     model_name = m.pop("name")
-    if model_name == "stl" and dataset == "pascal_context":
-        pytest.skip("five Swin-v2-S backbones (278M parameters): counted in test_models, too big to step here")
     size = (64, 64)
     model = build_model(model_name, tasks=tasks, num_classes=setup["num_classes"], input_size=size, **m)
     crit = MultiTaskLoss(tasks, **cfg["loss"])
