@@ -331,3 +331,16 @@ def test_dataloader_batches(nyu):
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
     assert batch["image"].shape == (3, 3, H, W) and batch["semseg"].shape == (3, H, W)
     assert batch["meta"]["index"].tolist() == [0, 1, 2]
+
+
+def test_original_targets_skip_resize(tmp_path):
+    """The val loader resizes to 512x512 by default; ``original_targets`` gives the stored size."""
+    root = write_pascal(tmp_path)
+    (root / "ImageSets" / "Context" / "val.txt").write_text((root / "ImageSets" / "Context" / "train.txt").read_text())
+    ds = build_dataset("pascal_context", root, "val", resize=(16, 16))
+    sample, original = ds[0], ds.original_targets(0)
+    assert sample["semseg"].shape == (16, 16)
+    assert set(original) == set(ds.tasks)
+    H, W = sample["meta"]["size"]
+    assert original["semseg"].shape == (H, W) and (H, W) != (16, 16)
+    assert original["normals"].shape == (3, H, W)

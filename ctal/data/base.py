@@ -135,6 +135,12 @@ class MultiTaskDataset(Dataset):
         sample["meta"] = {"index": index, "size": orig, "name": self._name(index)}
         return sample
 
+    def original_targets(self, index: int) -> dict:
+        """The targets of sample ``index`` as stored on disk: no resize, no augmentation. Used to
+        score predictions at each image's original resolution (the MTI-Net protocol on PASCAL)."""
+        sample = self._load(index % len(self))
+        return {t: sample[t] for t in self.tasks}
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, "
                 f"tasks={self.tasks}, size={self.size}, augment={self.augment!r})")

@@ -117,10 +117,14 @@ def build_scheduler(cfg: dict, opt, epochs: int):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, tasks, num_classes, device, dataset_name: str = "",
              amp: Optional[str] = None, progress: bool = True, max_batches: Optional[int] = None,
-             edge_thresholds: int = 99) -> dict:
+             edge_thresholds: int = 99, original_resolution: bool = False) -> dict:
     """Metrics of ``model`` over the whole loader (every batch, the last partial one included).
+
     ``edge_thresholds`` < 99 makes the (slow) boundary matching of odsF cheaper for validation
-    during training; reported results use 99."""
+    during training; reported results use 99. ``original_resolution`` scores each prediction,
+    bilinearly resized, against the image's targets as stored on disk
+    (``loader.dataset.original_targets``) instead of the resized ones the network was fed.
+    """
     from ..metrics import build_meters
     meters = build_meters(tasks, num_classes, dataset=dataset_name, edge_thresholds=edge_thresholds)
     model.eval()
@@ -131,8 +135,17 @@ def evaluate(model: nn.Module, loader, tasks, num_classes, device, dataset_name:
         images, targets = _to_device(batch, device)
         with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.float32), enabled=amp in AMP_DTYPES):
             out = model(images)["final"]
-        for t, m in meters.items():
-            m.update(out[t].float(), targets[t])
+        if not original_resolution:
+            for t, m in meters.items():
+                m.update(out[t].float(), targets[t])
+            continue
+        for b, index in enumerate(batch["meta"]["index"].tolist()):
+            original = loader.dataset.original_targets(index)
+            for t, m in meters.items():
+                target = original[t].unsqueeze(0).to(device)
+                pred = nn.functional.interpolate(out[t][b:b + 1].float(), size=target.shape[-2:],
+                                                 mode="bilinear", align_corners=False)
+                m.update(pred, target)
     return {t: m.compute() for t, m in meters.items()}
 
 
@@ -310,7 +323,8 @@ class Trainer:
         ds = self.cfg["data"]["dataset"]
         return evaluate(_unwrap(self.model), self.val_loader, self.tasks, self.num_classes, self.device,
                         dataset_name=ds, amp=self.amp, progress=self.progress if progress is None else progress,
-                        edge_thresholds=int((self.cfg.get("eval") or {}).get("edge_thresholds", 99)))
+                        edge_thresholds=int((self.cfg.get("eval") or {}).get("edge_thresholds", 99)),
+                        original_resolution=bool((self.cfg.get("eval") or {}).get("original_resolution", False)))
 
     def fit(self, max_steps_per_epoch: Optional[int] = None) -> dict:
         """Train from ``start_epoch`` to ``epochs``, evaluating every ``train.eval_every`` epochs;
