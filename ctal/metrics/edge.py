@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..tasks import EDGE_IGNORE
+from ._binary import binary_maps
 
 # the literature's tolerances; the small synthetic images use NYUD's (1.8 px at 96x128, where
 # 0.0075 would be under one pixel and demand pixel-exact edges)
@@ -136,14 +137,7 @@ class EdgeMeter:
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
-        if pred.dim() == 3:
-            pred = pred.unsqueeze(1)
-        if target.dim() == 3:
-            target = target.unsqueeze(1)
-        if pred.shape != target.shape or pred.shape[1] != 1:
-            raise ValueError(f"EdgeMeter: prediction {tuple(pred.shape)} and target {tuple(target.shape)} "
-                             f"must both be (B, 1, H, W)")
-        prob = torch.sigmoid(pred.float()) if self.from_logits else pred.float()
+        prob, target = binary_maps("EdgeMeter", pred, target, self.from_logits)
         prob = prob[:, 0].cpu().double().numpy()
         tgt = target[:, 0].cpu().numpy()
         for i in range(prob.shape[0]):

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..tasks import SAL_IGNORE
+from ._binary import binary_maps
 
 
 class SaliencyMeter:
@@ -38,14 +39,7 @@ class SaliencyMeter:
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
-        if pred.dim() == 3:
-            pred = pred.unsqueeze(1)
-        if target.dim() == 3:
-            target = target.unsqueeze(1)
-        if pred.shape != target.shape or pred.shape[1] != 1:
-            raise ValueError(f"SaliencyMeter: prediction {tuple(pred.shape)} and target {tuple(target.shape)} "
-                             f"must both be (B, 1, H, W)")
-        prob = torch.sigmoid(pred.float()) if self.from_logits else pred.float()
+        prob, target = binary_maps("SaliencyMeter", pred, target, self.from_logits)
         prob = prob.flatten(1).cpu()
         target = target.flatten(1).cpu()
         valid = target != self.ignore_value
