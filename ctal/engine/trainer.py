@@ -312,7 +312,7 @@ class Trainer:
             if self.writer and self.step % log_every == 0:
                 self.writer.add_scalar("train/loss", float(total.detach()), self.step)
                 for t in self.tasks:
-                    self.writer.add_scalar(f"train/loss_{t}", float(parts[t]), self.step)
+                    self.writer.add_scalar(f"train/loss_{t}", float(parts[t].detach()), self.step)
             bar.set_postfix(loss=f"{float(total.detach()):.3f}")
         self.scheduler.step()
         avg = {t: s / max(n, 1) for t, s in sums.items()}
