@@ -28,7 +28,6 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp64": "float64", "fp16": "flo
 def _run_case(case: dict) -> dict:
     """Runs in the child process: one backend, one shape, one mode."""
     import torch
-    import ctal
     from ctal import ops
 
     dev = torch.device(case["device"])
@@ -128,6 +127,17 @@ def environment(device: str) -> dict:
     return env
 
 
+def write_results(folder: Path, kind: str, env: dict, results: list[dict], table: str) -> Path:
+    """``<folder>/<kind>-<device>-<date>.json`` (environment + results) and ``.md`` (the table)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    slug = (env.get("gpu") or f"cpu{env['cpu_count']}").replace(" ", "-").lower()
+    stem = folder / f"{kind}-{slug}-{env['date'][:10]}"
+    stem.with_suffix(".json").write_text(json.dumps(dict(env=env, results=results), indent=1))
+    stem.with_suffix(".md").write_text(table)
+    print(f"wrote {stem}.json and .md")
+    return stem
+
+
 def markdown(results: list[dict], env: dict) -> str:
     where = env.get("gpu") or f"{env['cpu']} ({env['cpu_count']} cores)"
     lines = [f"CTAL op, {where}, torch {env['torch']}, {env['date'][:10]}", "",
@@ -196,12 +206,7 @@ def main(argv=None) -> list[dict]:
     print(table)
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        slug = (env.get("gpu") or f"cpu{env['cpu_count']}").replace(" ", "-").lower()
-        stem = out / f"ops-{slug}-{env['date'][:10]}"
-        stem.with_suffix(".json").write_text(json.dumps(dict(env=env, results=results), indent=1))
-        stem.with_suffix(".md").write_text(table)
-        print(f"wrote {stem}.json and .md")
+        write_results(out, "ops", env, results, table)
         if args.report:
             from benchmarks import report
             report.main(["--results", str(out)])

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench_ops import RESULTS, environment
+from benchmarks.bench_ops import RESULTS, environment, write_results
 
 SETTINGS = {  # the paper's training shapes: input size, tasks, classes
     "nyuv2": ((288, 384), ["semseg", "depth", "normals"], {"semseg": 13}),
@@ -131,12 +131,7 @@ def main(argv=None) -> list[dict]:
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        slug = (env.get("gpu") or f"cpu{env['cpu_count']}").replace(" ", "-").lower()
-        stem = out / f"train-{slug}-{env['date'][:10]}"
-        stem.with_suffix(".json").write_text(json.dumps(dict(env=env, results=results), indent=1))
-        stem.with_suffix(".md").write_text(table)
+        write_results(Path(args.out), "train", env, results, table)
     return results
 
 
