@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .backbones import HRNET_CHANNELS, HRNetBackbone, HRNetFuse, build_backbone
 from .base import MultiTaskModel
-from .blocks import FPM, InitialTaskPredictions, SABlock, ScaleInitialPrediction
+from .blocks import FPM, InitialTaskPredictions, SABlock, add_scale_cascade, run_scale_cascade
 from .heads import BottleneckHead, DeepLabHead, HRNetHead
 
 __all__ = ["SingleTaskNet", "HardSharingNet", "PADNet", "PAPNet", "MTINet",
@@ -206,24 +206,14 @@ class MTINet(MultiTaskModel):
         self.backbone = bb
         c = list(HRNET_CHANNELS)
         T, out = self.tasks, self.num_outputs
-        self.fpm_scale_3 = FPM(T, c[3])
-        self.fpm_scale_2 = FPM(T, c[2])
-        self.fpm_scale_1 = FPM(T, c[1])
-        self.scale_0 = ScaleInitialPrediction(T, out, c[0] + c[1], c[0])
-        self.scale_1 = ScaleInitialPrediction(T, out, c[1] + c[2], c[1])
-        self.scale_2 = ScaleInitialPrediction(T, out, c[2] + c[3], c[2])
-        self.scale_3 = ScaleInitialPrediction(T, out, c[3], c[3])
+        add_scale_cascade(self, c, lambda ch: FPM(T, ch))
         self.distillation = nn.ModuleList([MultiTaskDistillation(T, ch) for ch in c])
         self.heads = nn.ModuleDict({t: HRNetHead(out[t], c) for t in T})
 
     def forward(self, x: Tensor) -> dict:
         size = self.check_input(x)
-        x0, x1, x2, x3 = self.backbone(x)
-        f3, p3 = self.scale_3(x3)
-        f2, p2 = self.scale_2(x2, self.fpm_scale_3(f3))
-        f1, p1 = self.scale_1(x1, self.fpm_scale_2(f2))
-        f0, p0 = self.scale_0(x0, self.fpm_scale_1(f1))
-        distilled = [d(f) for d, f in zip(self.distillation, (f0, f1, f2, f3))]
+        feats, preds = run_scale_cascade(self, self.backbone(x))
+        distilled = [d(f) for d, f in zip(self.distillation, feats)]
         final = {t: self.heads[t]([d[t] for d in distilled]) for t in self.tasks}
-        aux = {f"scale_{i}": self.upsample(p, size) for i, p in enumerate((p0, p1, p2, p3))}
+        aux = {f"scale_{i}": self.upsample(p, size) for i, p in enumerate(preds)}
         return {"final": self.upsample(final, size), "aux": aux}

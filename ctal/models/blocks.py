@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 __all__ = ["Bottleneck", "BasicBlock", "projection", "bottleneck_stack", "basic_stack", "SEBlock",
-           "SABlock", "ScaleInitialPrediction", "FPM", "InitialTaskPredictions"]
+           "SABlock", "ScaleInitialPrediction", "FPM", "InitialTaskPredictions",
+           "add_scale_cascade", "run_scale_cascade"]
 
 
 def projection(in_channels: int, out_channels: int) -> Optional[nn.Sequential]:
@@ -153,3 +154,35 @@ class InitialTaskPredictions(nn.Module):
         """Returns ``(task features, task predictions)`` at the input's resolution."""
         feats = {t: self.layers[t](x) for t in self.tasks}
         return feats, {t: self.conv_out[t](feats[t]) for t in self.tasks}
+
+
+def add_scale_cascade(model: nn.Module, channels: Sequence[int], make_fpm) -> None:
+    """Register MTI-Net's coarse-to-fine stack of initial predictions on ``model`` (which has
+    ``tasks`` and ``num_outputs``): ``fpm_scale_{3,2,1}`` = ``make_fpm(channels[k])`` and
+    ``scale_{0..3}``, where scale ``k`` sees its backbone features plus the propagated task features
+    of scale ``k + 1``. The attribute names and their order are the published checkpoints' (MTI-Net,
+    M-CTALNet, SCA), so they are set on the model itself rather than on a sub-module."""
+    c = list(channels)
+    if len(c) != 4:
+        raise ValueError(f"the scale cascade needs 4 scales, got channels {c}")
+    for k in (3, 2, 1):
+        setattr(model, f"fpm_scale_{k}", make_fpm(c[k]))
+    for k in range(4):
+        in_channels = c[k] + (c[k + 1] if k < 3 else 0)
+        setattr(model, f"scale_{k}",
+                ScaleInitialPrediction(model.tasks, model.num_outputs, in_channels, c[k]))
+
+
+def run_scale_cascade(model: nn.Module, features: Sequence[Tensor], refine=None):
+    """Run the stack built by :func:`add_scale_cascade`, coarsest scale first, on the 4 backbone
+    feature maps. ``refine`` (optional, one module per scale) transforms each scale's task
+    features before they are propagated and returned (SCA's cross-task attention). Returns
+    ``(task features, task predictions)``: two lists indexed by scale (0 = finest)."""
+    feats, preds = [None] * 4, [None] * 4
+    propagated = None
+    for k in (3, 2, 1, 0):
+        f, preds[k] = getattr(model, f"scale_{k}")(features[k], propagated)
+        feats[k] = refine[k](f) if refine is not None else f
+        if k:
+            propagated = getattr(model, f"fpm_scale_{k}")(feats[k])
+    return feats, preds

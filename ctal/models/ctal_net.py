@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..nn import CrossTaskAffinity
 from .backbones import HRNET_CHANNELS, HRNetBackbone, HRNetFuse, SwinBackbone, build_backbone
 from .base import MultiTaskModel, check_size
-from .blocks import FPM, InitialTaskPredictions, ScaleInitialPrediction
+from .blocks import FPM, InitialTaskPredictions, add_scale_cascade, run_scale_cascade
 from .heads import BottleneckHead, DeepLabHead
 
 __all__ = ["CTALBlock", "CTALNet", "MCTALNet"]
@@ -158,13 +158,7 @@ class MCTALNet(_CTALModel):
         self.feature_stride = bb.reduction
         c = list(HRNET_CHANNELS)
         T, out = self.tasks, self.num_outputs
-        self.fpm_scale_3 = FPM(T, c[3])
-        self.fpm_scale_2 = FPM(T, c[2])
-        self.fpm_scale_1 = FPM(T, c[1])
-        self.scale_0 = ScaleInitialPrediction(T, out, c[0] + c[1], c[0])
-        self.scale_1 = ScaleInitialPrediction(T, out, c[1] + c[2], c[1])
-        self.scale_2 = ScaleInitialPrediction(T, out, c[2] + c[3], c[2])
-        self.scale_3 = ScaleInitialPrediction(T, out, c[3], c[3])
+        add_scale_cascade(self, c, lambda ch: FPM(T, ch))
         self.scale_fusion = nn.ModuleDict({t: HRNetFuse(c) for t in T})
         self.ctal = CTALBlock(T, sum(c), ctal_channels, self._grid(self.input_size), gamma=gamma,
                               backend=ctal_backend, norm_in=False)
@@ -172,13 +166,9 @@ class MCTALNet(_CTALModel):
 
     def forward(self, x: Tensor) -> dict:
         size = self.check_input(x)
-        x0, x1, x2, x3 = self.backbone(x)
-        f3, p3 = self.scale_3(x3)
-        f2, p2 = self.scale_2(x2, self.fpm_scale_3(f3))
-        f1, p1 = self.scale_1(x1, self.fpm_scale_2(f2))
-        f0, p0 = self.scale_0(x0, self.fpm_scale_1(f1))
-        fused = {t: self.scale_fusion[t]([f0[t], f1[t], f2[t], f3[t]]) for t in self.tasks}
+        feats, preds = run_scale_cascade(self, self.backbone(x))
+        fused = {t: self.scale_fusion[t]([f[t] for f in feats]) for t in self.tasks}
         refined = self.ctal(fused)
         final = {t: self.heads[t](refined[t]) for t in self.tasks}
-        aux = {f"scale_{i}": self.upsample(p, size) for i, p in enumerate((p0, p1, p2, p3))}
+        aux = {f"scale_{i}": self.upsample(p, size) for i, p in enumerate(preds)}
         return {"final": self.upsample(final, size), "aux": aux}

@@ -51,7 +51,7 @@ from torchvision.ops import StochasticDepth
 
 from .backbones import HRNET_CHANNELS, HRNetBackbone, build_backbone
 from .base import MultiTaskModel
-from .blocks import FPM, BasicBlock, ScaleInitialPrediction, projection
+from .blocks import FPM, BasicBlock, add_scale_cascade, projection, run_scale_cascade
 
 __all__ = ["WindowAttentionBlock", "WindowSelfAttention", "GlobalContextAttention", "CrossTaskAttention", "FPMA",
            "CrossScaleHead", "SCANet"]
@@ -224,27 +224,14 @@ class SCANet(MultiTaskModel):
         T, out = self.tasks, self.num_outputs
         self.encoder = nn.ModuleList([WindowSelfAttention(ch, encoder_depth, encoder_heads, window_size,
                                                           drop_path=drop_path) for ch in raw])
-        self.scale_3 = ScaleInitialPrediction(T, out, c[3], c[3])
-        self.scale_2 = ScaleInitialPrediction(T, out, c[2] + c[3], c[2])
-        self.scale_1 = ScaleInitialPrediction(T, out, c[1] + c[2], c[1])
-        self.scale_0 = ScaleInitialPrediction(T, out, c[0] + c[1], c[0])
+        add_scale_cascade(self, c, lambda ch: FPMA(T, ch, fpm_depth, fpm_heads, window_size, drop_path))
         self.cross_task = nn.ModuleList([CrossTaskAttention(T, ch) for ch in c])
-        self.fpm_scale_3 = FPMA(T, c[3], fpm_depth, fpm_heads, window_size, drop_path)
-        self.fpm_scale_2 = FPMA(T, c[2], fpm_depth, fpm_heads, window_size, drop_path)
-        self.fpm_scale_1 = FPMA(T, c[1], fpm_depth, fpm_heads, window_size, drop_path)
         self.heads = nn.ModuleDict({t: CrossScaleHead(c, out[t]) for t in T})
 
     def forward(self, x: Tensor) -> dict:
         size = self.check_input(x)
         feats = [torch.cat((enc(f), f), dim=1) for enc, f in zip(self.encoder, self.backbone(x))]
-        f3, p3 = self.scale_3(feats[3])
-        d3 = self.cross_task[3](f3)
-        f2, p2 = self.scale_2(feats[2], self.fpm_scale_3(d3))
-        d2 = self.cross_task[2](f2)
-        f1, p1 = self.scale_1(feats[1], self.fpm_scale_2(d2))
-        d1 = self.cross_task[1](f1)
-        f0, p0 = self.scale_0(feats[0], self.fpm_scale_1(d1))
-        d0 = self.cross_task[0](f0)
-        final = {t: self.heads[t]([d0[t], d1[t], d2[t], d3[t]]) for t in self.tasks}
-        aux = {f"scale_{i}": self.upsample(p, size) for i, p in enumerate((p0, p1, p2, p3))}
+        attended, preds = run_scale_cascade(self, feats, refine=self.cross_task)
+        final = {t: self.heads[t]([d[t] for d in attended]) for t in self.tasks}
+        aux = {f"scale_{i}": self.upsample(p, size) for i, p in enumerate(preds)}
         return {"final": self.upsample(final, size), "aux": aux}
