@@ -5,6 +5,13 @@ CPU too (peak RSS growth over the process's state just before the case; on CUDA 
 peak) and an out-of-memory or crash is recorded as a result instead of ending the run.
 Times are medians over ``--repeats`` runs after ``--warmup``; TFLOP/s use ``ctal.ops.flops`` of the
 backend's algorithm (forward products; fwd+bwd counts three times the forward).
+
+Dtypes: ``fp32`` (exact: TF32 off for matmuls *and* cuDNN convolutions), ``tf32`` (fp32 tensors,
+TF32 tensor cores allowed everywhere, including the Triton dots), ``bf16``, ``fp16``, ``fp64``.
+Pseudo-backends: ``reference-compiled`` is ``torch.compile`` of the reference; ``gemm-ceiling``
+times one cuBLAS/MKL batched GEMM of the linear form's own shape (``(9TC x N) @ (N x TC)`` per
+batch item), so each linear-algorithm row also reports the fraction of that ceiling it reaches.
+Ratios (``vs reference``, ``vs compiled``) are between medians of this same run.
 Writes ``benchmarks/results/ops-<device>-<date>.json`` and a markdown table next to it.
 """
 from __future__ import annotations
@@ -22,7 +29,29 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp64": "float64", "fp16": "float16"}
+DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp64": "float64", "fp16": "float16"}
+PSEUDO = ("reference-compiled", "gemm-ceiling")
+
+
+def _gemm_ceiling(shape, dtype, dev, sync, warmup, repeats) -> dict:
+    """Median time and TFLOP/s of one batched GEMM of the linear form's shape."""
+    import torch
+    B, T, C, H, W = shape
+    N, P, R = H * W, 9 * T * C, T * C
+    a = torch.randn(B, P, N, device=dev, dtype=dtype)
+    b = torch.randn(B, N, R, device=dev, dtype=dtype)
+    times = []
+    for i in range(warmup + repeats):
+        sync()
+        t0 = time.perf_counter()
+        torch.bmm(a, b)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    flop = 2 * B * P * N * R
+    return dict(status="ok", algorithm="gemm", median_ms=med * 1e3, p20_ms=min(times) * 1e3,
+                p80_ms=max(times) * 1e3, gflop=flop / 1e9, tflops=flop / med / 1e12, peak_mb=0.0)
 
 
 def _run_case(case: dict) -> dict:
@@ -32,21 +61,32 @@ def _run_case(case: dict) -> dict:
 
     dev = torch.device(case["device"])
     dtype = getattr(torch, DTYPES[case["dtype"]])
+    tf32 = case["dtype"] == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32  # on by default in PyTorch: the reference's conv would use TF32
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     B, T, C, H, W = case["shape"]
+    name = case["backend"]
+    if name == "gemm-ceiling":
+        return _gemm_ceiling(case["shape"], dtype, dev, sync, case["warmup"], case["repeats"])
+    p = ops.Problem(B, T, C, H, W, dtype, dev)
+    if name not in PSEUDO:
+        table = ops.backends()
+        if name not in table:
+            raise ValueError(f"backend must be one of {sorted(table) + list(PSEUDO)}, got {name!r}")
+        why = table[name].unsupported(p)
+        if why is not None:
+            return dict(status="unsupported", error=why)
     torch.manual_seed(0)
     make = lambda *s: torch.randn(*s, device=dev, dtype=dtype)  # noqa: E731
     x, v, w, b = make(B, T, C, H, W), make(B, T, C, H, W), make(H * W, T, 3, 3), make(H * W)
     grad = case["mode"] == "fwdbwd"
     for t in (x, v, w, b):
         t.requires_grad_(grad)
-    name = case["backend"]
     if name == "reference-compiled":
         fn = torch.compile(ops.reference.ctal_attention)
         algorithm = "quadratic"
     else:
-        table = ops.backends()
-        if name not in table:
-            raise ValueError(f"backend must be one of {sorted(table) + ['reference-compiled']}, got {name!r}")
         algorithm = table[name].algorithm
         fn = lambda *a: ops.ctal_attention(*a, backend=name)  # noqa: E731
     dy = torch.randn_like(x)
@@ -59,7 +99,6 @@ def _run_case(case: dict) -> dict:
                 t.grad = None
         return y
 
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     # Trigger lazy imports and one-time setup on a tiny problem so they do not count as memory.
     tiny = [t.detach()[:1, :, :1, :1, :1].clone().requires_grad_(grad) for t in (x, v)]
     tw, tb = w.detach()[:1].clone().requires_grad_(grad), b.detach()[:1].clone().requires_grad_(grad)
@@ -83,7 +122,6 @@ def _run_case(case: dict) -> dict:
         peak_mb = (torch.cuda.max_memory_allocated(dev) - base_cuda) / 2 ** 20
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
-    p = ops.Problem(B, T, C, H, W, dtype, dev)
     flop = ops.flops(algorithm, p, backward=grad)
     med = statistics.median(times)
     q = statistics.quantiles(times, n=5) if len(times) >= 2 else [med] * 4
@@ -140,18 +178,42 @@ def write_results(folder: Path, kind: str, env: dict, results: list[dict], table
 
 def markdown(results: list[dict], env: dict) -> str:
     where = env.get("gpu") or f"{env['cpu']} ({env['cpu_count']} cores)"
-    lines = [f"CTAL op, {where}, torch {env['torch']}, {env['date'][:10]}", "",
-             "| shape (B,T,C,H,W) | backend | mode | dtype | median ms | TFLOP/s | peak MB | vs reference |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+    versions = f"torch {env['torch']}" + (f", Triton {env['triton']}" if env.get("triton") else "")
+    lines = [f"CTAL op, {where}, {versions}, {env['date'][:10]}", "",
+             "| shape (B,T,C,H,W) | backend | mode | dtype | median ms | TFLOP/s | peak MB "
+             "| vs reference | vs compiled | of GEMM ceiling |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    ratio = lambda r, k, fmt: fmt.format(r[k]) if r.get(k) else ""  # noqa: E731
     for r in results:
-        shape = f"{r['name']} {tuple(r['shape'])}"
+        head = f"| {r['name']} {tuple(r['shape'])} | {r['backend']} | {r['mode']} | {r['dtype']} |"
         if r["status"] != "ok":
-            lines.append(f"| {shape} | {r['backend']} | {r['mode']} | {r['dtype']} | {r['status']} | | | |")
+            lines.append(f"{head} {r['status']} | | | | | |")
             continue
-        ratio = f"{r['speedup']:.1f}x" if r.get("speedup") else ""
-        lines.append(f"| {shape} | {r['backend']} | {r['mode']} | {r['dtype']} | {r['median_ms']:.2f} | "
-                     f"{r['tflops']:.3f} | {r['peak_mb']:.0f} | {ratio} |")
+        lines.append(f"{head} {r['median_ms']:.2f} | {r['tflops']:.3f} | {r['peak_mb']:.0f} | "
+                     f"{ratio(r, 'speedup', '{:.1f}x')} | {ratio(r, 'speedup_vs_compiled', '{:.1f}x')} | "
+                     f"{ratio(r, 'of_gemm_ceiling', '{:.0%}')} |")
     return "\n".join(lines) + "\n"
+
+
+def add_ratios(results: list[dict]) -> None:
+    """Speed-ups against ``reference`` and ``reference-compiled``, and the fraction of the GEMM
+    ceiling for linear-algorithm rows, each only against a result of the same run, shape, mode
+    and dtype."""
+    def same(q, r, backend):
+        return (q["backend"] == backend and q["name"] == r["name"] and q["mode"] == r["mode"]
+                and q["dtype"] == r["dtype"] and q["status"] == "ok")
+    for r in results:
+        if r["status"] != "ok" or r["backend"] == "gemm-ceiling":
+            continue
+        for backend, key in (("reference", "speedup"), ("reference-compiled", "speedup_vs_compiled")):
+            base = next((q for q in results if same(q, r, backend)), None)
+            if base is not None:
+                r[key] = base["median_ms"] / r["median_ms"]
+        ceiling = next((q for q in results if r.get("algorithm") == "linear"
+                        and q["backend"] == "gemm-ceiling" and q["name"] == r["name"]
+                        and q["dtype"] == r["dtype"] and q["status"] == "ok"), None)
+        if ceiling is not None:
+            r["of_gemm_ceiling"] = r["tflops"] / ceiling["tflops"]
 
 
 def main(argv=None) -> list[dict]:
@@ -161,9 +223,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--shapes", default=None, help="comma list of shape or group names (default: "
                     "'paper' on cuda, 'cpu' on cpu); see benchmarks/shapes.py")
     ap.add_argument("--backends", default="all", help="comma list, 'all' = every backend that runs "
-                    "on the device plus reference-compiled")
+                    "on the device plus the pseudo-backends reference-compiled and gemm-ceiling")
     ap.add_argument("--modes", default="fwd,fwdbwd")
-    ap.add_argument("--dtypes", default="fp32")
+    ap.add_argument("--dtypes", default="fp32", help=f"comma list of {sorted(DTYPES)}")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=900, help="seconds per case")
@@ -181,14 +243,21 @@ def main(argv=None) -> list[dict]:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shapes = resolve((args.shapes or ("paper" if device == "cuda" else "cpu")).split(","))
-    names = (ops.available_backends(device) + ["reference-compiled"] if args.backends == "all"
+    names = (ops.available_backends(device) + list(PSEUDO) if args.backends == "all"
              else args.backends.split(","))
+    bad = [d for d in args.dtypes.split(",") if d not in DTYPES]
+    if bad:
+        raise SystemExit(f"--dtypes: unknown {bad}; choose from {sorted(DTYPES)}")
+    if "tf32" in args.dtypes.split(",") and device != "cuda":
+        raise SystemExit("--dtypes tf32 means TF32 tensor cores: it needs --device cuda")
     env = environment(device)
     results = []
+    modes = args.modes.split(",")
     cases = [dict(name=s, shape=list(shape), backend=bk, mode=m, dtype=dt, device=device,
                   repeats=args.repeats, warmup=args.warmup)
              for s, shape in shapes.items() for dt in args.dtypes.split(",")
-             for m in args.modes.split(",") for bk in names]
+             for m in modes for bk in names
+             if bk != "gemm-ceiling" or m == modes[0]]  # a rate: once per shape and dtype
     try:
         from tqdm import tqdm
         cases_iter = tqdm(cases, desc="ctal bench", unit="case")
@@ -196,12 +265,7 @@ def main(argv=None) -> list[dict]:
         cases_iter = cases
     for case in cases_iter:
         results.append(run_case(case, args.timeout))
-    # Ratios only between results measured in this same run.
-    for r in results:
-        ref = next((q for q in results if q["backend"] == "reference" and q["name"] == r["name"]
-                    and q["mode"] == r["mode"] and q["dtype"] == r["dtype"] and q["status"] == "ok"), None)
-        if ref and r["status"] == "ok":
-            r["speedup"] = ref["median_ms"] / r["median_ms"]
+    add_ratios(results)
     table = markdown(results, env)
     print(table)
     if args.out:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import bench_ops  # noqa: E402
@@ -17,6 +19,32 @@ def test_bench_ops_tiny(tmp_path):
     assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in results), results
     assert results[0]["speedup"] == 1.0
     assert list(tmp_path.glob("ops-*.json")) and list(tmp_path.glob("ops-*.md"))
+
+
+def test_triton_backends_and_gemm_ceiling(tmp_path):
+    # Triton under the interpreter on CPU (conftest sets TRITON_INTERPRET=1; the case subprocesses
+    # inherit it). The GEMM ceiling is measured once per shape and dtype and gives linear rows a
+    # fraction; every ratio is against this run's reference.
+    results = bench_ops.main(["--shapes", "tiny", "--backends",
+                              "reference,triton-fused,triton-linear,gemm-ceiling", "--modes",
+                              "fwd,fwdbwd", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert all(r["status"] == "ok" for r in results), results
+    assert [r["mode"] for r in results if r["backend"] == "gemm-ceiling"] == ["fwd"]
+    linear = [r for r in results if r["backend"] == "triton-linear"]
+    assert len(linear) == 2 and all(r["of_gemm_ceiling"] > 0 and r["speedup"] > 0 for r in linear)
+    fused = [r for r in results if r["backend"] == "triton-fused"]
+    assert all("of_gemm_ceiling" not in r for r in fused)
+    assert "of GEMM ceiling" in (next(tmp_path.glob("ops-*.md"))).read_text()
+
+
+def test_unsupported_and_bad_dtype_are_reported(tmp_path):
+    r = bench_ops.run_case(dict(name="tiny", shape=[1, 2, 8, 5, 7], backend="cuda-linear", mode="fwd",
+                                dtype="fp32", device="cpu", repeats=1, warmup=0), 120)
+    assert r["status"] == "unsupported" and r["error"]
+    with pytest.raises(SystemExit, match="tf32"):
+        bench_ops.main(["--device", "cpu", "--shapes", "tiny", "--dtypes", "tf32", "--out", ""])
+    with pytest.raises(SystemExit, match="--dtypes"):
+        bench_ops.main(["--device", "cpu", "--shapes", "tiny", "--dtypes", "fp8", "--out", ""])
 
 
 def test_failures_are_results():
