@@ -165,14 +165,16 @@ def environment(device: str) -> dict:
     return env
 
 
-def write_results(folder: Path, kind: str, env: dict, results: list[dict], table: str) -> Path:
+def write_results(folder: Path, kind: str, env: dict, results: list[dict], table: str,
+                  quiet: bool = False) -> Path:
     """``<folder>/<kind>-<device>-<date>.json`` (environment + results) and ``.md`` (the table)."""
     folder.mkdir(parents=True, exist_ok=True)
     slug = (env.get("gpu") or f"cpu{env['cpu_count']}").replace(" ", "-").lower()
     stem = folder / f"{kind}-{slug}-{env['date'][:10]}"
     stem.with_suffix(".json").write_text(json.dumps(dict(env=env, results=results), indent=1))
     stem.with_suffix(".md").write_text(table)
-    print(f"wrote {stem}.json and .md")
+    if not quiet:
+        print(f"wrote {stem}.json and .md")
     return stem
 
 
@@ -263,13 +265,15 @@ def main(argv=None) -> list[dict]:
         cases_iter = tqdm(cases, desc="ctal bench", unit="case")
     except ImportError:
         cases_iter = cases
+    out = Path(args.out) if args.out else None
     for case in cases_iter:
         results.append(run_case(case, args.timeout))
-    add_ratios(results)
+        add_ratios(results)
+        if out is not None:  # after every case: a run stopped early keeps what it measured
+            write_results(out, "ops", env, results, markdown(results, env), quiet=True)
     table = markdown(results, env)
     print(table)
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         write_results(out, "ops", env, results, table)
         if args.report:
             from benchmarks import report

@@ -7,6 +7,7 @@ multiplying (``B * T * N * N`` passes 2**31 at realistic sizes).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -43,6 +44,23 @@ def channel_block(C: int) -> int:
     return max(16, next_pow2(C))
 
 
+@functools.lru_cache(maxsize=None)
+def interpreter_reason() -> Optional[str]:
+    """Why the Triton interpreter cannot run our kernels here (None when it can). Found by running
+    a one-program probe: some Triton releases' interpreter (3.6 for one) turns runtime scalars into
+    1-element arrays and calls ``int()`` on them, which NumPy >= 2.4 refuses."""
+    try:
+        out = torch.empty(16)
+        interpreter_probe_fwd_kernel[(1,)](out, 20, BLOCK=16)
+        if not bool((out == 2.0).all()):
+            return f"the Triton {triton.__version__} interpreter computed a wrong probe result"
+        return None
+    except Exception as exc:
+        import numpy
+        return (f"the Triton {triton.__version__} interpreter fails with NumPy {numpy.__version__} "
+                f"({type(exc).__name__}: {exc}); use NumPy < 2.4 or a newer Triton (3.8 works)")
+
+
 def device_reason(device: torch.device) -> Optional[str]:
     """Why the Triton kernels cannot run on ``device`` (None when they can)."""
     if TRITON_IMPORT_ERROR is not None:
@@ -51,7 +69,7 @@ def device_reason(device: torch.device) -> Optional[str]:
         if not INTERPRET:
             return ("Triton needs a CUDA device (on CPU set TRITON_INTERPRET=1 before triton is "
                     "imported to run the kernels in the slow interpreter)")
-        return None
+        return interpreter_reason()
     if device.type != "cuda":
         return f"Triton kernels run on CUDA devices, not {device.type}"
     if not torch.cuda.is_available():
@@ -135,6 +153,14 @@ if triton is not None:
         pid_t = tl.program_id(1).to(tl.int64)
         off = pid_b * stride_b + pid_t * stride_t
         tl.store(out_ptr + pid_b * T + pid_t, off)
+
+    @triton.jit
+    def interpreter_probe_fwd_kernel(out_ptr, n, BLOCK: tl.constexpr):
+        """Counts the trips of a loop whose bound is a runtime scalar, as every kernel has one."""
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for _ in range(0, n, BLOCK):
+            total += 1.0
+        tl.store(out_ptr + tl.arange(0, BLOCK), total)
 
     @triton.jit
     def full_like(x, VALUE: tl.constexpr):

@@ -90,7 +90,7 @@ def affinity_fwd_kernel(x_ptr, nrm_ptr, a_ptr, T, C, N,
                      mask=i_ok[:, None] & c_ok[None, :], other=0.0)  # [BM, BC]
         xj = tl.load(x_base + offs_c[:, None] * N + offs_j[None, :],
                      mask=c_ok[:, None] & j_ok[None, :], other=0.0)  # [BC, BN]
-        acc = tl.dot(xi.to(DOT), xj.to(DOT), acc, input_precision=PREC)  # [BM, BN]
+        acc = tl.dot(xi.to(DOT), xj.to(DOT), acc, input_precision=PREC, out_dtype=ACC)  # [BM, BN]
     ri = 1.0 / tl.load(nrm_ptr + pid_bt * N + offs_i, mask=i_ok, other=1.0).to(ACC)  # [BM]
     rj = 1.0 / tl.load(nrm_ptr + pid_bt * N + offs_j, mask=j_ok, other=1.0).to(ACC)  # [BN]
     a = acc * ri[:, None] * rj[None, :]  # [BM, BN]

@@ -122,7 +122,7 @@ def propagate_fwd_kernel(m_ptr, v_ptr, y_ptr, R, N, stride_mb, stride_mi, stride
                      mask=r_ok[:, None] & k_ok[None, :], other=0.0)  # [BR, BK]
         mt = tl.load(m_base + offs_i[None, :] * stride_mi + offs_k[:, None] * stride_mj,
                      mask=k_ok[:, None] & i_ok[None, :], other=0.0)  # [BK, BM] = M^T tile
-        acc = tl.dot(vt.to(DOT), mt.to(DOT), acc, input_precision=PREC)
+        acc = tl.dot(vt.to(DOT), mt.to(DOT), acc, input_precision=PREC, out_dtype=ACC)
     y_offs = pid_b * R * N + offs_r[:, None] * N + offs_i[None, :]  # [BR, BM]
     tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=r_ok[:, None] & i_ok[None, :])
 

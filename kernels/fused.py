@@ -61,7 +61,7 @@ def _m_tile(x_base, nrm_base, w_ptr, bias_ptr, offs_i, i_ok, jy, jx, j_ok, T, C,
             kn = _load_normalized(xt_base, nt_base, offs_c, c_ok, jj, ok, N, ACC)  # [BN, BC]
             wd = tl.load(w_ptr + (offs_i * T + t) * 9 + d, mask=i_ok, other=0.0).to(ACC)  # [BM]
             acc = tl.dot((qn * wd[:, None]).to(DOT), tl.trans(kn).to(DOT), acc,
-                         input_precision=PREC)  # [BM, BN]
+                         input_precision=PREC, out_dtype=ACC)  # [BM, BN]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_i, mask=i_ok, other=0.0).to(ACC)  # [BM]
         acc += tl.where(j_ok[None, :], bias[:, None], 0.0)
@@ -92,7 +92,7 @@ def fused_fwd_kernel(x_ptr, nrm_ptr, v_ptr, w_ptr, bias_ptr, y_ptr, T, C, N, H, 
                     HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_C, ACC, DOT, PREC)  # [BM, BN]
         vt = tl.load(v_base + offs_r[None, :] * N + offs_j[:, None],
                      mask=j_ok[:, None] & r_ok[None, :], other=0.0)  # [BN, BR]
-        acc = tl.dot(m.to(DOT), vt.to(DOT), acc, input_precision=PREC)  # [BM, BR]
+        acc = tl.dot(m.to(DOT), vt.to(DOT), acc, input_precision=PREC, out_dtype=ACC)  # [BM, BR]
     y_offs = pid_b * R * N + offs_r[None, :] * N + offs_i[:, None]  # [BM, BR]
     tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=i_ok[:, None] & r_ok[None, :])
 
@@ -111,7 +111,7 @@ def _dm_tile(dy_base, v_base, offs_i, i_ok, pix_j, ok_j, R, N,
                       mask=i_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BR]
         vt = tl.load(v_base + offs_r[:, None] * N + pix_j[None, :],
                      mask=r_ok[:, None] & ok_j[None, :], other=0.0)  # [BR, BN]
-        acc = tl.dot(dyt.to(DOT), vt.to(DOT), acc, input_precision=PREC)
+        acc = tl.dot(dyt.to(DOT), vt.to(DOT), acc, input_precision=PREC, out_dtype=ACC)
     return acc
 
 
@@ -149,7 +149,7 @@ def fused_query_bwd_kernel(x_ptr, nrm_ptr, v_ptr, w_ptr, dy_ptr, dnq_ptr, dw_par
         for d in range(9):
             jj, ok = shifted_pixels(jy, jx, j_ok, d // 3 - 1, d % 3 - 1, H, W)  # [BN]
             kn = _load_normalized(xt_base, nt_base, offs_c, c_ok, jj, ok, N, ACC)  # [BN, BC]
-            u = tl.dot(dm.to(DOT), kn.to(DOT), input_precision=PREC).to(ACC)  # [BM, BC]
+            u = tl.dot(dm.to(DOT), kn.to(DOT), input_precision=PREC, out_dtype=ACC).to(ACC)  # [BM, BC]
             wd = tl.load(w_ptr + (offs_i * T + pid_t) * 9 + d, mask=i_ok, other=0.0).to(ACC)
             acc_dn += wd[:, None] * u
             part = tl.sum(qn * u, 1)  # [BM]
@@ -191,7 +191,7 @@ def fused_key_bwd_kernel(x_ptr, nrm_ptr, v_ptr, w_ptr, dy_ptr, dnq_ptr, dx_ptr, 
                           BLOCK_R, ACC, DOT, PREC)  # [BM, BN] = dM[i, k - d]
             wd = tl.load(w_ptr + (offs_i * T + pid_t) * 9 + d, mask=i_ok, other=0.0).to(ACC)
             acc = tl.dot(tl.trans(dm * wd[:, None]).to(DOT), qn.to(DOT), acc,
-                         input_precision=PREC)  # [BN, BC]
+                         input_precision=PREC, out_dtype=ACC)  # [BN, BC]
     # epilogue: add the query side and apply the normalization backward (channels on axis 0)
     offs = (pid_b * T + pid_t) * C * N + offs_c[:, None] * N + offs_k[None, :]  # [BC, BN]
     mask = c_ok[:, None] & k_ok[None, :]
@@ -227,7 +227,7 @@ def fused_value_bwd_kernel(x_ptr, nrm_ptr, w_ptr, bias_ptr, dy_ptr, dv_ptr, T, C
                     HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_C, ACC, DOT, PREC)  # [BM, BN]
         dyt = tl.load(dy_base + offs_r[:, None] * N + offs_i[None, :],
                       mask=r_ok[:, None] & i_ok[None, :], other=0.0)  # [BR, BM]
-        acc = tl.dot(dyt.to(DOT), m.to(DOT), acc, input_precision=PREC)  # [BR, BN]
+        acc = tl.dot(dyt.to(DOT), m.to(DOT), acc, input_precision=PREC, out_dtype=ACC)  # [BR, BN]
     dv_offs = pid_b * R * N + offs_r[:, None] * N + offs_j[None, :]  # [BR, BN]
     tl.store(dv_ptr + dv_offs, acc.to(dv_ptr.dtype.element_ty), mask=r_ok[:, None] & j_ok[None, :])
 

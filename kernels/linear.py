@@ -85,7 +85,7 @@ def linear_state_fwd_kernel(x_ptr, nrm_ptr, w_ptr, bias_ptr, src_ptr, s_ptr, T, 
                            T, C, N, H, W, IS_QUERY, HAS_BIAS, ACC)  # [BP, BN]
         st = tl.load(src_base + offs_r[None, :] * N + offs_n[:, None],
                      mask=n_ok[:, None] & r_ok[None, :], other=0.0)  # [BN, BR]
-        acc = tl.dot(op.to(DOT), st.to(DOT), acc, input_precision=PREC)  # [BP, BR]
+        acc = tl.dot(op.to(DOT), st.to(DOT), acc, input_precision=PREC, out_dtype=ACC)  # [BP, BR]
     s_offs = (pid_b * P1 + offs_p[:, None]) * R + offs_r[None, :]  # [BP, BR]
     tl.store(s_ptr + s_offs, acc, mask=(offs_p[:, None] < P1) & r_ok[None, :])
 
@@ -115,7 +115,7 @@ def linear_out_fwd_kernel(x_ptr, nrm_ptr, w_ptr, bias_ptr, s_ptr, out_ptr, T, C,
                      mask=r_ok[:, None] & (offs_p[None, :] < P1), other=0.0)  # [BR, BP]
         op = _operand_tile(x_base, nrm_base, w_ptr, bias_ptr, offs_p, offs_n, ny, nx, n_ok,
                            T, C, N, H, W, IS_QUERY, HAS_BIAS, ACC)  # [BP, BN]
-        acc = tl.dot(st.to(DOT), op.to(DOT), acc, input_precision=PREC)  # [BR, BN]
+        acc = tl.dot(st.to(DOT), op.to(DOT), acc, input_precision=PREC, out_dtype=ACC)  # [BR, BN]
     out_offs = pid_b * R * N + offs_r[:, None] * N + offs_n[None, :]  # [BR, BN]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty),
              mask=r_ok[:, None] & n_ok[None, :])
@@ -165,8 +165,8 @@ def linear_bwd_kernel(x_ptr, nrm_ptr, v_ptr, w_ptr, dy_ptr, g_ptr, dg_ptr, dx_pt
                           mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BR, BN]
             vt = tl.load(v_base + offs_r[:, None] * N + jj[None, :],
                          mask=r_ok[:, None] & ok[None, :], other=0.0)  # [BR, BN] v at n - d
-            dq = tl.dot(gt.to(DOT), dyt.to(DOT), dq, input_precision=PREC)  # [BC, BN]
-            dk = tl.dot(dgt.to(DOT), vt.to(DOT), dk, input_precision=PREC)  # [BC, BN]
+            dq = tl.dot(gt.to(DOT), dyt.to(DOT), dq, input_precision=PREC, out_dtype=ACC)  # [BC, BN]
+            dk = tl.dot(dgt.to(DOT), vt.to(DOT), dk, input_precision=PREC, out_dtype=ACC)  # [BC, BN]
         wd = tl.load(w_ptr + (offs_n * T + pid_t) * 9 + d, mask=n_ok, other=0.0).to(ACC)  # [BN]
         acc_dn += dq * wd[None, :] + dk
         part = tl.sum(dq * n, 0)  # [BN]
