@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from ._common import (INTERPRET, MAX_CHANNELS, TRITON_IMPORT_ERROR, channel_reason,
-                      device_reason, dtype_reason)
+                      device_reason, dtype_reason, fused_tiles, item_size_reason)
 
 __all__ = ["register_backends", "staged_attention", "INTERPRET", "MAX_CHANNELS"]
 
@@ -32,8 +32,8 @@ def staged_attention(x, v, weight, bias=None):
 
 def _reason(p, channel_limited: bool) -> Optional[str]:
     why = device_reason(p.device) or dtype_reason(p.dtype)
-    if why is None and channel_limited:
-        why = channel_reason(p.C)
+    if why is None and channel_limited:  # the fused and linear kernels
+        why = channel_reason(p.C) or item_size_reason(p.T, p.C, p.N)
     return why
 
 
@@ -44,9 +44,13 @@ def _missing(what: str) -> Callable:
 
 
 def fused_flops(p) -> int:
-    """The fused kernel forms ``M[i, j]`` as 9T shifted dot products of length C (no separate
-    Gram plus 3x3 stencil), then multiplies by V: ``2 B N^2 (9TC + TC)`` forward."""
-    return 2 * p.B * p.N * p.N * (9 * p.T * p.C + p.T * p.C)
+    """Forward work of the fused kernel as launched: each program forms its tile of ``M[i, j]``
+    as 9T shifted dot products of length C (no separate Gram plus 3x3 stencil) for
+    ``BLOCK_R`` of the ``T*C`` value rows, so M is formed ``cdiv(TC, BLOCK_R)`` times:
+    ``2 B N^2 (cdiv(TC, BLOCK_R) 9TC + TC)``."""
+    R = p.T * p.C
+    forms = -(-R // fused_tiles(p.C)["BLOCK_R"])
+    return 2 * p.B * p.N * p.N * (forms * 9 * R + R)
 
 
 def register_backends() -> None:

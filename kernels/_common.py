@@ -7,7 +7,6 @@ multiplying (``B * T * N * N`` passes 2**31 at realistic sizes).
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -44,11 +43,29 @@ def channel_block(C: int) -> int:
     return max(16, next_pow2(C))
 
 
-@functools.lru_cache(maxsize=None)
+def fused_tiles(C: int) -> dict:
+    """Tiles of the fused quadratic kernels (``kernels/fused.py``) for ``C`` channels.
+
+    ``BLOCK_R`` value rows per program in the forward and value-backward kernels: each program
+    re-forms its ``[BLOCK_M, BLOCK_N]`` tile of M, so the work is ``cdiv(T*C, BLOCK_R)`` times the
+    M-forming work (``fused_flops``); 128 is the widest that compiles without register spills for
+    C = 128 on sm_90 (``python -m ctal.kernels.compile_check``). ``BLOCK_R_CHUNK`` is the
+    reduction chunk over value rows when the backward kernels form dM (register use only)."""
+    wide = channel_block(C) > 64  # wide channel tiles: smaller query/key tiles
+    return dict(BLOCK_M=tile(32 if wide else 64), BLOCK_N=tile(32 if wide else 64),
+                BLOCK_R=tile(128 if wide else 64), BLOCK_R_CHUNK=tile(32 if wide else 64))
+
+
 def interpreter_reason() -> Optional[str]:
-    """Why the Triton interpreter cannot run our kernels here (None when it can). Found by running
-    a one-program probe: some Triton releases' interpreter (3.6 for one) turns runtime scalars into
-    1-element arrays and calls ``int()`` on them, which NumPy >= 2.4 refuses."""
+    """Why the Triton interpreter cannot run our kernels here (None when it can); see
+    ``_probe_interpreter``."""
+    return _INTERPRETER_PROBLEM
+
+
+def _probe_interpreter() -> Optional[str]:
+    """Run a one-program probe kernel: some Triton releases' interpreter (3.6 for one) turns
+    runtime scalars into 1-element arrays and calls ``int()`` on them, which NumPy >= 2.4 refuses.
+    Run once at import, so that backend checks traced by ``torch.compile`` stay plain Python."""
     try:
         out = torch.empty(16)
         interpreter_probe_fwd_kernel[(1,)](out, 20, BLOCK=16)
@@ -89,6 +106,16 @@ def channel_reason(C: int) -> Optional[str]:
     if C > MAX_CHANNELS:
         return (f"C = {C} exceeds the Triton kernel limit of {MAX_CHANNELS} channels per tile "
                 f"(use backend 'linear' or 'reference')")
+    return None
+
+
+def item_size_reason(T: int, C: int, N: int) -> Optional[str]:
+    """The fused and linear kernels index inside one batch item with int32 tile offsets (int64
+    tiles would double their index registers and spill; the batch base offset is int64), so one
+    item's features and the linear form's ``(9TC + 1) x TC`` state must stay below 2**31."""
+    if T * C * N >= 2 ** 31 or (9 * T * C + 1) * T * C >= 2 ** 31:
+        return (f"one batch item is too large for int32 tile offsets (T*C*N = {T * C * N}, "
+                f"(9TC+1)*TC = {(9 * T * C + 1) * T * C}; both must be < 2**31)")
     return None
 
 
@@ -192,3 +219,9 @@ def dot_dtype(dtype: torch.dtype):
 
 def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Fixed at import, like INTERPRET.
+_INTERPRETER_PROBLEM: Optional[str] = None
+if INTERPRET and TRITON_IMPORT_ERROR is None:
+    _INTERPRETER_PROBLEM = _probe_interpreter()

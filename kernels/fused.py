@@ -17,9 +17,12 @@ Backward recomputes tiles (there is no softmax state). With ``dM[i, j] = sum_r d
 - values (``fused_value_bwd_kernel``): ``dv[r, j] = sum_i dy[r, i] M[i, j]``.
 All C channels of a pixel are one tile (C <= MAX_CHANNELS).
 
-Work: forming M as 9T shifted dots costs ``9 T C`` multiply-adds per (i, j) pair (plus ``T C`` for
-``M v``), about 5x the ``T C + 9 T + T C`` that ``ctal.ops.flops("quadratic")`` counts for the
-literal Gram + stencil order; the row-halo variant of DESIGN 1.2 would close that gap.
+Work: forming M as 9T shifted dots costs ``9 T C`` multiply-adds per (i, j) pair, about 5x the
+``T C + 9 T`` of the literal Gram + stencil order that ``ctal.ops.flops("quadratic")`` counts;
+the row-halo variant of DESIGN 1.2 would close that gap. The forward and value-backward programs
+each own ``BLOCK_R`` value rows and re-form their M tile, so M is formed ``cdiv(T C, BLOCK_R)``
+times (``fused_tiles``); ``kernels.fused_flops`` is the resulting forward count that ``auto``
+uses. Tile offsets inside one batch item are int32 (``item_size_reason``).
 """
 from __future__ import annotations
 
@@ -28,9 +31,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import (NORM_EPS, acc_dtype, acc_torch_dtype, cdiv, channel_block, check_device,
-                      dot_dtype, grid_offsets, input_precision, l2norm_bwd_tile, poisoned,
-                      shifted_pixels, tile, tl, triton, warps)
+from ._common import (NORM_EPS, acc_dtype, acc_torch_dtype, cdiv, channel_block, channel_reason,
+                      check_device, dot_dtype, fused_tiles, grid_offsets, input_precision,
+                      item_size_reason, l2norm_bwd_tile, poisoned, shifted_pixels, tl, triton,
+                      warps)
 from .affinity import l2norm
 
 
@@ -78,9 +82,9 @@ def fused_fwd_kernel(x_ptr, nrm_ptr, v_ptr, w_ptr, bias_ptr, y_ptr, T, C, N, H, 
     pid_r = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
     R = T * C
-    offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)  # [BM]
     i_ok = offs_i < N
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    offs_r = (pid_r * BLOCK_R).to(tl.int32) + tl.arange(0, BLOCK_R)  # [BR]
     r_ok = offs_r < R
     x_base = x_ptr + pid_b * R * N
     nrm_base = nrm_ptr + pid_b * T * N
@@ -93,8 +97,9 @@ def fused_fwd_kernel(x_ptr, nrm_ptr, v_ptr, w_ptr, bias_ptr, y_ptr, T, C, N, H, 
         vt = tl.load(v_base + offs_r[None, :] * N + offs_j[:, None],
                      mask=j_ok[:, None] & r_ok[None, :], other=0.0)  # [BN, BR]
         acc = tl.dot(m.to(DOT), vt.to(DOT), acc, input_precision=PREC, out_dtype=ACC)  # [BM, BR]
-    y_offs = pid_b * R * N + offs_r[None, :] * N + offs_i[:, None]  # [BM, BR]
-    tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=i_ok[:, None] & r_ok[None, :])
+    y_offs = offs_r[None, :] * N + offs_i[:, None]  # [BM, BR]
+    tl.store(y_ptr + pid_b * R * N + y_offs, acc.to(y_ptr.dtype.element_ty),
+             mask=i_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -128,7 +133,7 @@ def fused_query_bwd_kernel(x_ptr, nrm_ptr, v_ptr, w_ptr, dy_ptr, dnq_ptr, dw_par
     pid_t = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
     R = T * C
-    offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_i = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)  # [BM]
     i_ok = offs_i < N
     offs_c = tl.arange(0, BLOCK_C)  # [BC]
     c_ok = offs_c < C
@@ -154,8 +159,9 @@ def fused_query_bwd_kernel(x_ptr, nrm_ptr, v_ptr, w_ptr, dy_ptr, dnq_ptr, dw_par
             acc_dn += wd[:, None] * u
             part = tl.sum(qn * u, 1)  # [BM]
             acc_dw += tl.where(taps[None, :] == d, part[:, None], 0.0)
-    dn_offs = (pid_b * T + pid_t) * C * N + offs_c[None, :] * N + offs_i[:, None]  # [BM, BC]
-    tl.store(dnq_ptr + dn_offs, acc_dn, mask=i_ok[:, None] & c_ok[None, :])
+    dn_offs = offs_c[None, :] * N + offs_i[:, None]  # [BM, BC]
+    tl.store(dnq_ptr + (pid_b * T + pid_t) * C * N + dn_offs, acc_dn,
+             mask=i_ok[:, None] & c_ok[None, :])
     dw_offs = ((pid_b * N + offs_i[:, None]) * T + pid_t) * 9 + taps[None, :]  # [BM, 16]
     tl.store(dw_part_ptr + dw_offs, acc_dw, mask=i_ok[:, None] & (taps[None, :] < 9))
     tl.store(db_part_ptr + pid_b * N + offs_i, acc_db, mask=i_ok & (pid_t == 0))
@@ -173,7 +179,7 @@ def fused_key_bwd_kernel(x_ptr, nrm_ptr, v_ptr, w_ptr, dy_ptr, dnq_ptr, dx_ptr, 
     pid_t = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
     R = T * C
-    offs_k, ky, kx, k_ok = grid_offsets(pid_n * BLOCK_N, BLOCK_N, N, W)  # [BN]
+    offs_k, ky, kx, k_ok = grid_offsets((pid_n * BLOCK_N).to(tl.int32), BLOCK_N, N, W)  # [BN]
     offs_c = tl.arange(0, BLOCK_C)  # [BC]
     c_ok = offs_c < C
     xt_base = x_ptr + (pid_b * T + pid_t) * C * N
@@ -193,13 +199,14 @@ def fused_key_bwd_kernel(x_ptr, nrm_ptr, v_ptr, w_ptr, dy_ptr, dnq_ptr, dx_ptr, 
             acc = tl.dot(tl.trans(dm * wd[:, None]).to(DOT), qn.to(DOT), acc,
                          input_precision=PREC, out_dtype=ACC)  # [BN, BC]
     # epilogue: add the query side and apply the normalization backward (channels on axis 0)
-    offs = (pid_b * T + pid_t) * C * N + offs_c[:, None] * N + offs_k[None, :]  # [BC, BN]
+    base = (pid_b * T + pid_t) * C * N  # int64; the tile offsets below stay int32
+    offs = offs_c[:, None] * N + offs_k[None, :]  # [BC, BN]
     mask = c_ok[:, None] & k_ok[None, :]
-    dn = tl.trans(acc) + tl.load(dnq_ptr + offs, mask=mask, other=0.0).to(ACC)  # [BC, BN]
+    dn = tl.trans(acc) + tl.load(dnq_ptr + base + offs, mask=mask, other=0.0).to(ACC)  # [BC, BN]
     nrm = tl.load(nt_base + offs_k, mask=k_ok, other=1.0).to(ACC)  # [BN]
-    n = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) / nrm[None, :]  # [BC, BN]
+    n = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(ACC) / nrm[None, :]  # [BC, BN]
     dx = l2norm_bwd_tile(n, dn, nrm, EPS)
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -213,8 +220,8 @@ def fused_value_bwd_kernel(x_ptr, nrm_ptr, w_ptr, bias_ptr, dy_ptr, dv_ptr, T, C
     pid_r = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
     R = T * C
-    offs_j, jy, jx, j_ok = grid_offsets(pid_n * BLOCK_N, BLOCK_N, N, W)  # [BN]
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    offs_j, jy, jx, j_ok = grid_offsets((pid_n * BLOCK_N).to(tl.int32), BLOCK_N, N, W)  # [BN]
+    offs_r = (pid_r * BLOCK_R).to(tl.int32) + tl.arange(0, BLOCK_R)  # [BR]
     r_ok = offs_r < R
     x_base = x_ptr + pid_b * R * N
     nrm_base = nrm_ptr + pid_b * T * N
@@ -228,8 +235,9 @@ def fused_value_bwd_kernel(x_ptr, nrm_ptr, w_ptr, bias_ptr, dy_ptr, dv_ptr, T, C
         dyt = tl.load(dy_base + offs_r[:, None] * N + offs_i[None, :],
                       mask=r_ok[:, None] & i_ok[None, :], other=0.0)  # [BR, BM]
         acc = tl.dot(dyt.to(DOT), m.to(DOT), acc, input_precision=PREC, out_dtype=ACC)  # [BR, BN]
-    dv_offs = pid_b * R * N + offs_r[:, None] * N + offs_j[None, :]  # [BR, BN]
-    tl.store(dv_ptr + dv_offs, acc.to(dv_ptr.dtype.element_ty), mask=r_ok[:, None] & j_ok[None, :])
+    dv_offs = offs_r[:, None] * N + offs_j[None, :]  # [BR, BN]
+    tl.store(dv_ptr + pid_b * R * N + dv_offs, acc.to(dv_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & j_ok[None, :])
 
 
 # --- launchers -----------------------------------------------------------------------------
@@ -242,16 +250,16 @@ def _meta(x: Tensor) -> dict:
                 num_stages=2)
 
 
-def _blocks(C: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_R): smaller query/key tiles when the channel tile is wide."""
-    big = channel_block(C) <= 64
-    return tile(64 if big else 32), tile(64 if big else 32), tile(64)
+def _blocks(C: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_R_CHUNK)``, see ``fused_tiles``."""
+    t = fused_tiles(C)
+    return t["BLOCK_M"], t["BLOCK_N"], t["BLOCK_R"], t["BLOCK_R_CHUNK"]
 
 
 def _check(x: Tensor) -> None:
     check_device(x, "triton-fused")
-    from ._common import channel_reason
-    why = channel_reason(x.shape[2])
+    B, T, C, H, W = x.shape
+    why = channel_reason(C) or item_size_reason(T, C, H * W)
     if why is not None:
         raise ValueError(f"triton-fused: {why}")
 
@@ -264,7 +272,7 @@ def forward(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tup
     N = H * W
     nrm = l2norm(x)
     y = poisoned(x.shape, x)
-    BM, BN, BR = _blocks(C)
+    BM, BN, BR, _ = _blocks(C)
     has_bias = bias is not None
     fused_fwd_kernel[(cdiv(N, BM), cdiv(T * C, BR), B)](
         x, nrm, v, weight, bias.contiguous() if has_bias else weight, y, T, C, N, H, W,
@@ -279,18 +287,18 @@ def backward(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Te
     B, T, C, H, W = x.shape
     N = H * W
     acc = acc_torch_dtype(x.dtype)
-    BM, BN, BR = _blocks(C)
+    BM, BN, BR, BRC = _blocks(C)
     meta = _meta(x)
     dnq = poisoned(x.shape, x, acc)
     dw_part = poisoned((B, N, T, 9), x, acc)
     db_part = poisoned((B, N), x, acc)
     fused_query_bwd_kernel[(cdiv(N, BM), T, B)](
         x, nrm, v, weight, dy, dnq, dw_part, db_part, T, C, N, H, W,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, **meta)
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BRC, **meta)
     dx = poisoned(x.shape, x)
     fused_key_bwd_kernel[(cdiv(N, BN), T, B)](
         x, nrm, v, weight, dy, dnq, dx, T, C, N, H, W, EPS=NORM_EPS,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, **meta)
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BRC, **meta)
     dv = poisoned(x.shape, x)
     has_bias = bias is not None
     fused_value_bwd_kernel[(cdiv(N, BN), cdiv(T * C, BR), B)](

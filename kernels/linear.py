@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from ._common import (NORM_EPS, acc_dtype, acc_torch_dtype, cdiv, channel_block, channel_reason,
-                      check_device, dot_dtype, grid_offsets, input_precision, l2norm_bwd_tile,
-                      poisoned, shifted_pixels, tile, tl, triton, warps)
+                      check_device, dot_dtype, grid_offsets, input_precision, item_size_reason,
+                      l2norm_bwd_tile, poisoned, shifted_pixels, tile, tl, triton, warps)
 from .affinity import l2norm
 
 
@@ -72,8 +72,8 @@ def linear_state_fwd_kernel(x_ptr, nrm_ptr, w_ptr, bias_ptr, src_ptr, s_ptr, T, 
     pid_b = tl.program_id(2).to(tl.int64)
     R = T * C
     P1 = 9 * R + 1
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # [BP]
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    offs_p = (pid_p * BLOCK_P).to(tl.int32) + tl.arange(0, BLOCK_P)  # [BP]
+    offs_r = (pid_r * BLOCK_R).to(tl.int32) + tl.arange(0, BLOCK_R)  # [BR]
     r_ok = offs_r < R
     x_base = x_ptr + pid_b * R * N
     nrm_base = nrm_ptr + pid_b * T * N
@@ -102,8 +102,8 @@ def linear_out_fwd_kernel(x_ptr, nrm_ptr, w_ptr, bias_ptr, s_ptr, out_ptr, T, C,
     pid_b = tl.program_id(2).to(tl.int64)
     R = T * C
     P1 = 9 * R + 1
-    offs_n, ny, nx, n_ok = grid_offsets(pid_n * BLOCK_N, BLOCK_N, N, W)  # [BN]
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    offs_n, ny, nx, n_ok = grid_offsets((pid_n * BLOCK_N).to(tl.int32), BLOCK_N, N, W)  # [BN]
+    offs_r = (pid_r * BLOCK_R).to(tl.int32) + tl.arange(0, BLOCK_R)  # [BR]
     r_ok = offs_r < R
     x_base = x_ptr + pid_b * R * N
     nrm_base = nrm_ptr + pid_b * T * N
@@ -135,14 +135,15 @@ def linear_bwd_kernel(x_ptr, nrm_ptr, v_ptr, w_ptr, dy_ptr, g_ptr, dg_ptr, dx_pt
     pid_b = tl.program_id(2).to(tl.int64)
     R = T * C
     P1 = 9 * R + 1
-    offs_n, ny, nx, n_ok = grid_offsets(pid_n * BLOCK_N, BLOCK_N, N, W)  # [BN]
+    offs_n, ny, nx, n_ok = grid_offsets((pid_n * BLOCK_N).to(tl.int32), BLOCK_N, N, W)  # [BN]
     offs_c = tl.arange(0, BLOCK_C)  # [BC]
     c_ok = offs_c < C
     taps = tl.arange(0, 16)  # [16] the 9 taps, padded
-    xn_offs = (pid_b * T + pid_t) * C * N + offs_c[:, None] * N + offs_n[None, :]  # [BC, BN]
+    xt_base = (pid_b * T + pid_t) * C * N  # int64 base of task t; tile offsets stay int32
+    xn_offs = offs_c[:, None] * N + offs_n[None, :]  # [BC, BN]
     xn_mask = c_ok[:, None] & n_ok[None, :]
     nrm = tl.load(nrm_ptr + (pid_b * T + pid_t) * N + offs_n, mask=n_ok, other=1.0).to(ACC)
-    n = tl.load(x_ptr + xn_offs, mask=xn_mask, other=0.0).to(ACC) / nrm[None, :]  # [BC, BN]
+    n = tl.load(x_ptr + xt_base + xn_offs, mask=xn_mask, other=0.0).to(ACC) / nrm[None, :]  # [BC, BN]
     g_base = g_ptr + pid_b * P1 * R
     dg_base = dg_ptr + pid_b * P1 * R
     dy_base = dy_ptr + pid_b * R * N
@@ -172,9 +173,10 @@ def linear_bwd_kernel(x_ptr, nrm_ptr, v_ptr, w_ptr, dy_ptr, g_ptr, dg_ptr, dx_pt
         part = tl.sum(dq * n, 0)  # [BN]
         acc_dw += tl.where(taps[:, None] == d, part[None, :], 0.0)
     dx = l2norm_bwd_tile(n, acc_dn, nrm, EPS)  # [BC, BN]
-    tl.store(dx_ptr + xn_offs, dx.to(dx_ptr.dtype.element_ty), mask=xn_mask)
-    dw_offs = ((pid_b * N + offs_n[None, :]) * T + pid_t) * 9 + taps[:, None]  # [16, BN]
-    tl.store(dw_part_ptr + dw_offs, acc_dw, mask=(taps[:, None] < 9) & n_ok[None, :])
+    tl.store(dx_ptr + xt_base + xn_offs, dx.to(dx_ptr.dtype.element_ty), mask=xn_mask)
+    dw_offs = (offs_n[None, :] * T + pid_t) * 9 + taps[:, None]  # [16, BN]
+    tl.store(dw_part_ptr + pid_b * N * T * 9 + dw_offs, acc_dw,
+             mask=(taps[:, None] < 9) & n_ok[None, :])
     if HAS_BIAS:
         db = tl.zeros([BLOCK_N], dtype=ACC)
         for r0 in range(0, R, BLOCK_R):
@@ -190,8 +192,10 @@ def linear_bwd_kernel(x_ptr, nrm_ptr, v_ptr, w_ptr, dy_ptr, g_ptr, dg_ptr, dx_pt
 # --- launchers -----------------------------------------------------------------------------
 
 def _meta(x: Tensor) -> dict:
+    # 8 warps: at 4 the [64, 64] accumulator plus the on-the-fly operand tile spill registers
+    # (sm_90, C = 128; see benchmarks/RESOURCES.md).
     return dict(ACC=acc_dtype(x.dtype), DOT=dot_dtype(x.dtype), PREC=input_precision(x.dtype),
-                num_warps=warps(4))
+                num_warps=warps(8))
 
 
 def _state(x, nrm, weight, bias, src, is_query: bool) -> Tensor:
@@ -223,6 +227,9 @@ def forward(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]
             ) -> tuple[Tensor, Tensor, Tensor]:
     """``y``, ``G (B, 9TC+1, TC)`` (ACC dtype) and the clamped norms ``(B, T, N)``."""
     check_device(x, "triton-linear")
+    why = item_size_reason(x.shape[1], x.shape[2], x.shape[3] * x.shape[4])
+    if why is not None:
+        raise ValueError(f"triton-linear: {why}")
     x, v, weight = x.contiguous(), v.contiguous(), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     nrm = l2norm(x)
@@ -250,7 +257,7 @@ def backward(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Te
     BN = tile(32 if C > 64 else 64)
     linear_bwd_kernel[(cdiv(N, BN), T, B)](
         x, nrm, v, weight, dy, g, dg, dx, dw_part, db_part, T, C, N, H, W, EPS=NORM_EPS,
-        HAS_BIAS=bias is not None, BLOCK_N=BN, BLOCK_R=tile(32), BLOCK_C=channel_block(C),
+        HAS_BIAS=bias is not None, BLOCK_N=BN, BLOCK_R=tile(16), BLOCK_C=channel_block(C),
         ACC=acc_dtype(x.dtype), DOT=dot_dtype(x.dtype), PREC=input_precision(x.dtype),
         num_warps=warps(8 if channel_block(C) >= 128 else 4), num_stages=2)
     dw = dw_part.sum(0).reshape(N, T, 3, 3).to(x.dtype)

@@ -353,6 +353,33 @@ def test_every_kernel_casts_program_ids_to_int64():
         assert names and all(re.search(r"_(fwd|bwd)_kernel$", n) for n in names), names
 
 
+def test_fused_cost_counts_the_m_tiles_the_launch_forms(monkeypatch):
+    """``auto`` compares the fused backend by ``fused_flops``: it must count M once per BLOCK_R
+    block of value rows, with the BLOCK_R the forward kernel is really launched with."""
+    seen = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.update(grid=grid, **kwargs)
+
+    monkeypatch.setattr(fused, "fused_fwd_kernel", Recorder())
+    B, T, C, H, W = 2, 3, 40, 5, 7
+    x, v, w, b = _problem(B, T, C, H, W, torch.float32)
+    fused.forward(x, v, w, b)
+    R, N = T * C, H * W
+    assert seen["BLOCK_R"] == _common.fused_tiles(C)["BLOCK_R"]
+    assert seen["grid"][1] == -(-R // seen["BLOCK_R"])
+    p = ops.Problem(B, T, C, H, W, torch.float32, torch.device(DEV))
+    assert K.fused_flops(p) == 2 * B * N * N * (seen["grid"][1] * 9 * R + R)
+    assert ops.backends()["triton-fused"].flops(p) == K.fused_flops(p)
+
+
+def test_batch_items_too_large_for_int32_tiles_are_refused():
+    big = ops.Problem(1, 5, 256, 1500, 1500, torch.float32, torch.device(DEV))  # T*C*N > 2**31
+    for name in ("triton-fused", "triton-linear"):
+        assert "int32 tile offsets" in ops.backends()[name].unsupported(big)
+
+
 def test_interpreter_probe_passes_with_the_pinned_triton():
     """CI pins a Triton whose interpreter runs our kernels; the module-level skip above must never
     hide the interpreter tests there."""
