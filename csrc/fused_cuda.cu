@@ -577,6 +577,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bwd_cuda(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& v, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, bool allow_tf32) {
   check_inputs("fused_bwd", x, v, weight, bias);
+  // dw and db are accumulated with float atomics across blocks: the summation order varies.
+  at::globalContext().alertNotDeterministic("ctal_ext::fused_bwd");
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.device() == x.device(),
               "fused_bwd: dy must match x in shape, dtype and device");
   const c10::cuda::CUDAGuard guard(x.device());

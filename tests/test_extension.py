@@ -244,3 +244,5 @@ def test_cuda_fused_refuses_large_grids_with_a_reason():
     p = dispatch.Problem(1, 3, 128, 72, 96, torch.float32, torch.device("cuda"))
     why = ops.backends()["cuda-fused"].unsupported(p)
     assert why is not None and "cuda-linear" in why
+    huge_batch = dispatch.Problem(70000, 1, 8, 4, 5, torch.float32, torch.device("cuda"))
+    assert "65535" in ops.backends()["cuda-fused"].unsupported(huge_batch)

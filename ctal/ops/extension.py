@@ -124,6 +124,10 @@ def _cuda_fused_unsupported(p) -> Optional[str]:
         return why
     if p.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         return f"unsupported dtype {p.dtype}"
+    if p.B > 65535:  # one grid row per batch item (check_fused in csrc/fused_cuda.cu)
+        return f"batch {p.B} exceeds the CUDA grid limit of 65535 (use cuda-linear)"
+    # Sized for the backward, which needs the most, so a forward-only call is refused at the same
+    # size: one limit for training and inference.
     need = fused_smem_bytes(p.T, p.C, p.H, p.W, p.dtype, False, True)
     have = fused_smem_limit(p.device.index if p.device.index is not None else torch.cuda.current_device())
     if need > have:
