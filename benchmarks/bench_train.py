@@ -4,7 +4,11 @@ Images/s and peak memory of full training steps (forward, multitask loss with de
 backward, Adam step) of CTALNet and M-CTALNet on random NYUv2- or Cityscapes-shaped batches, with
 the CTAL op on the literal ``reference`` path vs another backend (default: what ``auto`` picks),
 side by side in one run. Each case runs in its own subprocess (honest peak memory; an
-out-of-memory is a recorded result). Writes ``benchmarks/results/train-<device>-<date>.json``.
+out-of-memory is a recorded result). Peak MB is everything training holds at its high-water
+mark (weights, optimizer state, activations, workspaces): the CUDA allocator's peak, or on CPU the
+growth of the process's peak RSS from just before the model is built. The step time is the
+median of ``--steps`` steps after one warm-up step.
+Writes ``benchmarks/results/train-<device>-<date>.json``.
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ def _run_case(case: dict) -> dict:
 
     dev = torch.device(case["device"])
     (H, W), tasks, classes = SETTINGS[case["dataset"]]
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(0)
     model = build_model(case["model"], tasks, classes, (H, W), ctal_backend=case["backend"]).to(dev)
     crit = MultiTaskLoss(tasks)
@@ -51,9 +58,6 @@ def _run_case(case: dict) -> dict:
 
     step()  # warm-up: lazy init, allocator, optimizer state
     sync()
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
     times = []
     for _ in range(case["steps"]):
         t0 = time.perf_counter()

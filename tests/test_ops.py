@@ -168,6 +168,20 @@ def test_auto_avoids_huge_literal_matrices():
     assert ops.backends()[d.backend].algorithm == "linear" and "GiB" in d.reason
 
 
+def test_auto_weighs_unfused_quadratic_flops():
+    # Cityscapes (T=2, 32x64): the unfused quadratic path has ~1.09x fewer FLOPs than linear but
+    # streams N x N buffers; measured slower than the linear form, so auto takes linear there.
+    city = ops.Problem(2, 2, 128, 32, 64, torch.float32, torch.device("cpu"))
+    ratio = ops.flops("linear", city) / ops.flops("quadratic", city)
+    assert 1.0 < ratio < ops.dispatch.NXN_FLOP_WEIGHT
+    d = ops.dispatch.decide(city)
+    assert ops.backends()[d.backend].algorithm == "linear" and "x2" in d.reason
+    # Where quadratic is far cheaper (PASCAL-Swin, ~22x), it still wins.
+    pascal = ops.Problem(2, 5, 128, 16, 16, torch.float32, torch.device("cpu"))
+    assert ops.flops("linear", pascal) / ops.flops("quadratic", pascal) > 10
+    assert ops.backends()[ops.dispatch.decide(pascal).backend].algorithm == "quadratic"
+
+
 def test_flops_formulas():
     p = ops.Problem(2, 3, 4, 5, 6, torch.float32, torch.device("cpu"))
     N = 30

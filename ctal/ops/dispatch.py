@@ -24,6 +24,12 @@ UNVERIFIED_ON_GPU = {"triton-fused", "triton-linear", "triton-staged", "cuda-lin
 # Unfused quadratic backends hold a few B x N x N buffers; above this many bytes ``auto`` picks
 # the linear form (or a fused kernel) even when quadratic has fewer FLOPs.
 NXN_MEMORY_LIMIT = 2 * 1024 ** 3
+# Unfused quadratic backends stream B x N x N buffers through memory several times per call and
+# reached about half the FLOP rate of the linear form's GEMMs on the same machine (0.04-0.10 vs
+# 0.10-0.17 TFLOP/s, benchmarks/results/ops-cpu2-2026-11-25.md), so ``auto`` weighs their FLOPs
+# twice. Without it, auto chose ``quadratic`` at the Cityscapes shape (1.09x fewer FLOPs than
+# linear) and the training step ran at 0.87x the reference, against 1.36x for ``cpp``.
+NXN_FLOP_WEIGHT = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,8 +140,9 @@ def decide(p: Problem, backend: str = "auto") -> Decision:
     """Resolve ``backend`` for problem ``p``.
 
     ``auto``: among the backends that can run ``p`` (not the literal reference, not interpreted
-    Triton, not kernels in ``UNVERIFIED_ON_GPU``), drop unfused quadratic ones whose ``B x N x N`` buffers would exceed
-    ``NXN_MEMORY_LIMIT``, then take the fewest FLOPs (each backend's own count), breaking ties
+    Triton, not kernels in ``UNVERIFIED_ON_GPU``), drop unfused quadratic ones whose ``B x N x N``
+    buffers would exceed ``NXN_MEMORY_LIMIT``, then take the fewest FLOPs (each backend's own
+    count; those of unfused quadratic backends weighted by ``NXN_FLOP_WEIGHT``), breaking ties
     (same algorithm, same work) by the implementation rank CUDA > Triton > C++ > PyTorch.
     """
     table = backends()
@@ -163,12 +170,19 @@ def decide(p: Problem, backend: str = "auto") -> Decision:
         if small and len(small) < len(ok):
             note = f"; unfused quadratic backends skipped (~{nxn_bytes / 2 ** 30:.1f} GiB of N x N buffers)"
         ok = small or ok
-    best = min(ok, key=lambda c: (c["gflops"], -IMPLEMENTATION_RANK[c["implementation"]]))
-    others = [c["gflops"] for c in ok if c["algorithm"] != best["algorithm"]]
-    vs = f" vs {min(others):.3g} for {'linear' if best['algorithm'] == 'quadratic' else 'quadratic'}" if others else ""
-    return Decision(best["name"], f"{best['algorithm']} needs the fewest FLOPs ({best['gflops']:.3g} GFLOP{vs}); "
-                    f"{best['implementation']} is the best implementation of it on {p.device.type}{note}",
-                    candidates)
+    def weighted(c):  # GFLOP as auto compares them
+        return c["gflops"] * (NXN_FLOP_WEIGHT if table[c["name"]].materializes_nxn else 1.0)
+
+    best = min(ok, key=lambda c: (weighted(c), -IMPLEMENTATION_RANK[c["implementation"]]))
+    others = [weighted(c) for c in ok if c["algorithm"] != best["algorithm"]]
+    other = "linear" if best["algorithm"] == "quadratic" else "quadratic"
+    vs = f" vs {min(others):.3g} for {other}" if others else ""
+    weight = (f"; unfused quadratic FLOPs counted x{NXN_FLOP_WEIGHT:g} for their N x N buffers"
+              if table[best["name"]].materializes_nxn or any(table[c["name"]].materializes_nxn for c in ok)
+              else "")
+    return Decision(best["name"], f"{best['algorithm']} needs the fewest FLOPs ({weighted(best):.3g} "
+                    f"GFLOP{vs}{weight}); {best['implementation']} is the best implementation of it "
+                    f"on {p.device.type}{note}", candidates)
 
 
 # --- PyTorch algorithms with explicit backward, as opaque custom ops --------------------------
