@@ -56,16 +56,13 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd(const at::Tensor& x, const at::Ten
   const at::Tensor xc = x.contiguous(), vc = v.contiguous();
   Prepped p = prep(xc, vc, weight, g);
 
-  // G[b, d] = K_d V^T: K_d = np[:, :, s_d : s_d + Lv] is a strided view (row stride Ln).
-  // One GEMM per (batch item, shift): BLAS takes the views as they are (leading dimension Ln),
-  // where a batched call would first copy the non-contiguous batch.
+  // G[:, d] = K_d V^T: K_d = np[:, :, s_d : s_d + Lv] is a strided view (row stride Ln, batch
+  // stride R * Ln). One batched GEMM per shift over the whole batch.
   at::Tensor G = at::empty({g.B, 9, g.R, g.R}, x.options());
-  for (int64_t b = 0; b < g.B; ++b) {
-    const at::Tensor np_b = p.np.select(0, b), vpt_b = p.vp.select(0, b).t();
-    for (int64_t d = 0; d < 9; ++d) {
-      at::Tensor out = G.select(0, b).select(0, d);  // [R, R], contiguous
-      at::mm_out(out, np_b.narrow(1, g.shift_start(d), g.Lv), vpt_b);
-    }
+  const at::Tensor vpt = p.vp.transpose(1, 2);  // [B, Lv, R]
+  for (int64_t d = 0; d < 9; ++d) {
+    at::Tensor out = G.select(1, d);  // [B, R, R]
+    at::bmm_out(out, p.np.narrow(2, g.shift_start(d), g.Lv), vpt);
   }
   G = G.view({g.B, g.P, g.R});
 
@@ -105,17 +102,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd(
   // dV (row-padded) = sum_d dG_d^T K_d; the pad columns are dropped below.
   at::Tensor dvp = at::empty({g.B, g.R, g.Lv}, x.options());
   const at::Tensor dG4 = dG.view({g.B, 9, g.R, g.R});
-  for (int64_t b = 0; b < g.B; ++b) {
-    at::Tensor out = dvp.select(0, b);  // [R, Lv], contiguous
-    const at::Tensor np_b = p.np.select(0, b);
-    for (int64_t d = 0; d < 9; ++d) {
-      const at::Tensor kd = np_b.narrow(1, g.shift_start(d), g.Lv);  // [R, Lv], row stride Ln
-      const at::Tensor a = dG4.select(0, b).select(0, d).t();        // [R, R]
-      if (d == 0) {
-        at::mm_out(out, a, kd);
-      } else {
-        out.addmm_(a, kd);
-      }
+  for (int64_t d = 0; d < 9; ++d) {
+    const at::Tensor kd = p.np.narrow(2, g.shift_start(d), g.Lv);  // [B, R, Lv], row stride Ln
+    const at::Tensor a = dG4.select(1, d).transpose(1, 2);        // [B, R, R]
+    if (d == 0) {
+      at::bmm_out(dvp, a, kd);
+    } else {
+      dvp.baddbmm_(a, kd);
     }
   }
   at::Tensor dv = dvp.view({g.B, g.R, g.H, g.Wp}).narrow(3, 1, g.W);  // [B, R, H, W]
