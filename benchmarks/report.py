@@ -6,7 +6,8 @@
 Plots (written next to the JSON): median time and peak memory against N = H*W for every backend,
 log-log, one line per backend and mode, from the shapes of one run that share B, T and C
 (e.g. the ``sweep`` group). The README section between the BENCHMARKS markers is replaced by the
-table of the newest result file of each device, with device, versions and date.
+table of the newest op result file of each device, with device, versions and date, followed by
+the newest training-throughput table (``bench_train``) of each device.
 """
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
 
 
-def newest_per_device(folder: Path = RESULTS) -> list[Path]:
-    """The newest ``ops-<device>-<date>.json`` of each device (by the date inside the file)."""
+def newest_per_device(folder: Path = RESULTS, kind: str = "ops") -> list[Path]:
+    """The newest ``<kind>-<device>-<date>.json`` of each device (by the date inside the file)."""
     best: dict[str, tuple[str, Path]] = {}
-    for p in folder.glob("ops-*.json"):
+    for p in folder.glob(f"{kind}-*.json"):
         data = json.loads(p.read_text())
         env = data["env"]
         device = env.get("gpu") or f"cpu{env.get('cpu_count')}"
@@ -85,6 +86,10 @@ def readme_section(paths: list[Path]) -> str:
                      f"`python -m benchmarks.bench_ops` then `python -m benchmarks.report`.\n")
         for png in sorted(p.parent.glob(p.stem + "-*.png")):
             parts.append(f"![{png.stem}](benchmarks/results/{png.name})\n")
+    for p in newest_per_device(paths[0].parent, "train") if paths else []:
+        parts.append(p.with_suffix(".md").read_text())
+        parts.append(f"Source: `benchmarks/results/{p.name}`; regenerate with "
+                     f"`python -m benchmarks.bench_train`.\n")
     return "\n".join(parts) if parts else "No results yet: run `python -m benchmarks.bench_ops`.\n"
 
 

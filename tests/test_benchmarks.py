@@ -82,12 +82,18 @@ def test_report_renders_table_plots_and_readme(tmp_path):
     report.update_readme(section, readme)
     text = readme.read_text()
     assert "old table" not in text and "| linear |" in text and text.endswith("outro\n")
+    assert "Training step" not in section  # no training results in this folder yet
 
 
-def test_bench_train_tiny(tmp_path):
-    from benchmarks import bench_train
+def test_bench_train_tiny_and_its_readme_table(tmp_path):
+    from benchmarks import bench_train, report
     results = bench_train.main(["--datasets", "tiny", "--models", "ctal", "--backends", "reference,linear",
                                 "--steps", "1", "--batch", "1", "--device", "cpu", "--out", str(tmp_path)])
+    bench_ops.main(["--shapes", "tiny", "--backends", "linear", "--modes", "fwd", "--repeats", "1",
+                    "--warmup", "0", "--out", str(tmp_path)])
+    (train,) = report.newest_per_device(tmp_path, "train")
+    section = report.readme_section(report.newest_per_device(tmp_path))
+    assert "Training step" in section and train.name in section and "| tiny | ctal | linear |" in section
     assert [r["status"] for r in results] == ["ok", "ok"], results
     assert results[1]["resolved_backend"] == "linear" and results[1]["images_per_s"] > 0
     assert "speedup" in results[1] and list(tmp_path.glob("train-*.json"))
