@@ -23,6 +23,10 @@ the row-halo variant of DESIGN 1.2 would close that gap. The forward and value-b
 each own ``BLOCK_R`` value rows and re-form their M tile, so M is formed ``cdiv(T C, BLOCK_R)``
 times (``fused_tiles``); ``kernels.fused_flops`` is the resulting forward count that ``auto``
 uses. Tile offsets inside one batch item are int32 (``item_size_reason``).
+Backward multiply-adds per (i, j) pair, with R = T C: query side ``T R + 9 T C`` (dM re-formed per
+task), key side ``9 T R + 9 T C`` (dM re-formed per task and shift), values
+``cdiv(R, BLOCK_R) 9 T C + R``. Forming dM once per tile for all tasks and shifts is the next
+saving; it needs all T accumulators in one program (or atomics).
 """
 from __future__ import annotations
 
