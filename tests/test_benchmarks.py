@@ -97,3 +97,13 @@ def test_bench_train_tiny_and_its_readme_table(tmp_path):
     assert [r["status"] for r in results] == ["ok", "ok"], results
     assert results[1]["resolved_backend"] == "linear" and results[1]["images_per_s"] > 0
     assert "speedup" in results[1] and list(tmp_path.glob("train-*.json"))
+
+
+def test_shell_scripts_parse():
+    """The install and GPU-session scripts are not run in CI (the latter needs a GPU): at least
+    they must parse."""
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    for script in ("scripts/install.sh", "scripts/gpu_session.sh", ".ci/run"):
+        proc = subprocess.run(["bash", "-n", str(root / script)], capture_output=True, text=True)
+        assert proc.returncode == 0, (script, proc.stderr)
