@@ -16,6 +16,7 @@
 // column meets vp == 0.
 #pragma once
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/types.h>
 
 #include <cstdint>
@@ -25,6 +26,18 @@
 namespace ctal_ext {
 
 constexpr double kNormEps = 1e-12;  // F.normalize's eps
+
+// A buffer the kernels must write completely. With CTAL_POISON=1 in the environment (the tests set
+// it) it is NaN-filled first, so an element a kernel forgets to write fails the comparison with
+// the reference instead of passing on whatever the allocator returned.
+bool poison_outputs();
+
+// Every op body starts with one: the ops compute in their inputs' dtype, so autocast must not
+// re-cast the GEMMs inside them (an fp32 call under bf16 autocast would mix dtypes in one bmm).
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+at::Tensor output_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts);
 
 struct LinearGeom {
   int64_t B, T, C, H, W, N, R, P, Wp, Lv, Ln;

@@ -546,6 +546,7 @@ int64_t fused_smem_bytes(int64_t T, int64_t C, int64_t H, int64_t W, at::ScalarT
 
 at::Tensor fused_fwd_cuda(const at::Tensor& x, const at::Tensor& v, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, bool allow_tf32) {
+  const NoAutocast no_autocast;
   check_inputs("fused_fwd", x, v, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), H = x.size(3), W = x.size(4);
@@ -554,7 +555,7 @@ at::Tensor fused_fwd_cuda(const at::Tensor& x, const at::Tensor& v, const at::Te
   const at::Tensor xc = x.contiguous(), vc = v.contiguous(), wc = weight.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor norm = clamped_norm(xc);
-  at::Tensor y = at::empty_like(xc);
+  at::Tensor y = output_buffer(xc.sizes(), xc.options());
   const dim3 grid(static_cast<unsigned>((H * W + kBM - 1) / kBM), static_cast<unsigned>(B));
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_mode(x.scalar_type(), allow_tf32, [&](auto tag, auto mode) {
@@ -576,6 +577,7 @@ at::Tensor fused_fwd_cuda(const at::Tensor& x, const at::Tensor& v, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bwd_cuda(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& v, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, bool allow_tf32) {
+  const NoAutocast no_autocast;
   check_inputs("fused_bwd", x, v, weight, bias);
   // dw and db are accumulated with float atomics across blocks: the summation order varies.
   at::globalContext().alertNotDeterministic("ctal_ext::fused_bwd");
@@ -593,8 +595,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bwd_cuda(
   const auto acc_opts = norm.options();
   at::Tensor dn = at::zeros({B, T, C, N}, acc_opts);
   at::Tensor dvacc = at::zeros({B, T, C, N}, acc_opts);
-  at::Tensor dwp = at::empty({B, N, T, 9}, acc_opts);
-  at::Tensor dbp = at::empty({B, N}, acc_opts);
+  at::Tensor dwp = output_buffer({B, N, T, 9}, acc_opts);
+  at::Tensor dbp = output_buffer({B, N}, acc_opts);
   const dim3 grid(static_cast<unsigned>((N + kBM - 1) / kBM), static_cast<unsigned>(B));
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_mode(x.scalar_type(), allow_tf32, [&](auto tag, auto mode) {

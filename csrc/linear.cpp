@@ -30,11 +30,11 @@ Prepped prep(const at::Tensor& xc, const at::Tensor& vc, const at::Tensor& weigh
     p.np = at::zeros({g.B, g.R, g.Ln}, opts);
     p.vp = at::zeros({g.B, g.R, g.Lv}, opts);
   } else {  // the CPU pass writes every element
-    p.np = at::empty({g.B, g.R, g.Ln}, opts);
-    p.vp = at::empty({g.B, g.R, g.Lv}, opts);
+    p.np = output_buffer({g.B, g.R, g.Ln}, opts);
+    p.vp = output_buffer({g.B, g.R, g.Lv}, opts);
   }
-  p.q = at::empty({g.B, 9, g.T, g.C, g.N}, opts);
-  p.norm = at::empty({g.B, g.T, g.N}, opts.dtype(is_half_like(xc.scalar_type()) ? at::kFloat
+  p.q = output_buffer({g.B, 9, g.T, g.C, g.N}, opts);
+  p.norm = output_buffer({g.B, g.T, g.N}, opts.dtype(is_half_like(xc.scalar_type()) ? at::kFloat
                                                                                 : xc.scalar_type()));
 #ifdef CTAL_WITH_CUDA
   if (xc.is_cuda()) {
@@ -51,6 +51,7 @@ Prepped prep(const at::Tensor& xc, const at::Tensor& vc, const at::Tensor& weigh
 std::tuple<at::Tensor, at::Tensor> linear_fwd(const at::Tensor& x, const at::Tensor& v,
                                               const at::Tensor& weight,
                                               const std::optional<at::Tensor>& bias) {
+  const NoAutocast no_autocast;
   check_inputs("linear_fwd", x, v, weight, bias);
   const LinearGeom g = LinearGeom::of(x);
   const at::Tensor xc = x.contiguous(), vc = v.contiguous();
@@ -58,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd(const at::Tensor& x, const at::Ten
 
   // G[:, d] = K_d V^T: K_d = np[:, :, s_d : s_d + Lv] is a strided view (row stride Ln, batch
   // stride R * Ln). One batched GEMM per shift over the whole batch.
-  at::Tensor G = at::empty({g.B, 9, g.R, g.R}, x.options());
+  at::Tensor G = output_buffer({g.B, 9, g.R, g.R}, x.options());
   const at::Tensor vpt = p.vp.transpose(1, 2);  // [B, Lv, R]
   for (int64_t d = 0; d < 9; ++d) {
     at::Tensor out = G.select(1, d);  // [B, R, R]
@@ -77,6 +78,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd(const at::Tensor& x, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& v, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& G) {
+  const NoAutocast no_autocast;
   check_inputs("linear_bwd", x, v, weight, bias);
   const LinearGeom g = LinearGeom::of(x);
   TORCH_CHECK(dy.sizes() == x.sizes(), "linear_bwd: dy must have the shape of x ", x.sizes(),
@@ -100,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd(
   const at::Tensor dk = at::bmm(dG, p.vp);                  // [B, P, Lv], un-shifted in finish
 
   // dV (row-padded) = sum_d dG_d^T K_d; the pad columns are dropped below.
-  at::Tensor dvp = at::empty({g.B, g.R, g.Lv}, x.options());
+  at::Tensor dvp = output_buffer({g.B, g.R, g.Lv}, x.options());
   const at::Tensor dG4 = dG.view({g.B, 9, g.R, g.R});
   for (int64_t d = 0; d < 9; ++d) {
     const at::Tensor kd = p.np.narrow(2, g.shift_start(d), g.Lv);  // [B, R, Lv], row stride Ln
@@ -123,8 +125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd(
   }
   dv = dv.contiguous().view({g.B, g.T, g.C, g.H, g.W});
 
-  at::Tensor dx = at::empty_like(xc);
-  at::Tensor dwp = at::empty({g.B, g.T, 9, g.N}, p.norm.options());
+  at::Tensor dx = output_buffer(xc.sizes(), xc.options());
+  at::Tensor dwp = output_buffer({g.B, g.T, 9, g.N}, p.norm.options());
 #ifdef CTAL_WITH_CUDA
   if (x.is_cuda()) {
     linear_finish_cuda(xc, p.norm, p.wt, dq, dk, dx, dwp);

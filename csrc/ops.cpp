@@ -6,7 +6,22 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
 namespace ctal_ext {
+
+bool poison_outputs() {
+  const char* e = std::getenv("CTAL_POISON");  // read per call: tests toggle it
+  return e != nullptr && std::strcmp(e, "1") == 0;
+}
+
+at::Tensor output_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+  if (poison_outputs()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& v, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias) {
@@ -67,6 +82,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "whether the CUDA kernels were compiled in");
+  m.def("poison_outputs", &ctal_ext::poison_outputs,
+        "whether output buffers are NaN-filled before the kernels write them (CTAL_POISON=1)");
   m.def("fused_smem_bytes",
         [](int64_t T, int64_t C, int64_t H, int64_t W, const std::string& dtype, bool allow_tf32,
            bool backward) -> int64_t {

@@ -146,10 +146,10 @@ def warps(gpu: int) -> int:
 
 def poisoned(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """An output buffer. Kernels must write every element; NaN-filling it under the interpreter
-    (where it is cheap and tests run), or when ``CTAL_TRITON_POISON=1`` (the GPU tests), makes an
-    unwritten element fail loudly."""
+    (where it is cheap and tests run), or when ``CTAL_POISON=1`` (set by the tests; the compiled
+    extension reads it too), makes an unwritten element fail loudly."""
     out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-    if INTERPRET or os.environ.get("CTAL_TRITON_POISON", "0") == "1":
+    if INTERPRET or os.environ.get("CTAL_POISON", "0") == "1":
         out.fill_(float("nan"))
     return out
 

@@ -4,6 +4,8 @@
   the environment before anything imports triton (Triton picks compiled vs interpreted kernels when
   ``@triton.jit`` runs), so it is set here, at conftest import, before test modules are collected.
   An explicit ``TRITON_INTERPRET`` in the environment always wins.
+- ``CTAL_POISON=1``: kernel output buffers start as NaN (see ``ctal.kernels._common.poisoned`` and
+  ``output_buffer`` in csrc/ops.cpp).
 - ``--runslow`` enables tests marked ``slow`` (skipped by default); tests marked ``gpu`` are
   skipped without a CUDA device.
 """
@@ -26,6 +28,9 @@ if "triton" in sys.modules and "TRITON_INTERPRET" not in os.environ and not _has
                      "Triton tests may fail without a CUDA device\n")
 if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Kernel outputs (Triton launchers and the compiled extension) are NaN-filled before the kernels
+# write them, so an element a kernel forgets to write fails the comparison with the reference.
+os.environ.setdefault("CTAL_POISON", "1")
 
 import pytest  # noqa: E402
 
