@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ctal.ops.validate import first_order_only
+
 from ._common import (NORM_EPS, acc_dtype, cdiv, check_device, dot_dtype, full_like,
                       input_precision, poisoned, tile, tl, triton, warps)
 
@@ -222,6 +224,7 @@ def _affinity_setup(ctx, inputs, output):
 
 
 def _affinity_grad(ctx, da, dnrm):
+    first_order_only("affinity (triton)")
     # nrm is an internal by-product; nothing downstream differentiates through it.
     x, nrm = ctx.saved_tensors
     return affinity_bwd(da, x, nrm, ctx.interleaved), None
@@ -276,6 +279,7 @@ def _align_setup(ctx, inputs, output):
 
 
 def _align_grad(ctx, dz):
+    first_order_only("align (triton)")
     return align_bwd(dz, ctx.T), None, None
 
 

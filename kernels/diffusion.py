@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ctal.ops.validate import first_order_only
+
 from ._common import (acc_dtype, acc_torch_dtype, cdiv, check_device, dot_dtype, grid_offsets,
                       input_precision, poisoned, shifted_pixels, tile, tl, triton, warps)
 
@@ -195,6 +197,7 @@ def _diffuse_setup(ctx, inputs, output):
 
 
 def _diffuse_grad(ctx, dm):
+    first_order_only("diffuse (triton)")
     z, weight = ctx.saved_tensors
     dz, dw, db = diffuse_bwd(dm, z, weight, ctx.has_bias)
     return dz, dw, (db if ctx.has_bias else None)
@@ -254,6 +257,7 @@ def _propagate_setup(ctx, inputs, output):
 
 
 def _propagate_grad(ctx, dy):
+    first_order_only("propagate (triton)")
     m, v = ctx.saved_tensors
     return propagate_bwd(dy, m, v)
 

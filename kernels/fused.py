@@ -35,6 +35,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ctal.ops.validate import first_order_only
+
 from ._common import (NORM_EPS, acc_dtype, acc_torch_dtype, cdiv, channel_block, channel_reason,
                       check_device, dot_dtype, fused_tiles, grid_offsets, input_precision,
                       item_size_reason, l2norm_bwd_tile, poisoned, shifted_pixels, tl, triton,
@@ -350,6 +352,7 @@ def _setup(ctx, inputs, output):
 
 
 def _grad(ctx, dy, dnrm):
+    first_order_only("triton-fused")
     # the norms are an internal by-product; nothing downstream differentiates through them.
     x, v, weight, bias, nrm = ctx.saved_tensors
     dx, dv, dw, db = fused_bwd(dy, x, v, weight, bias if ctx.has_bias else None, nrm)

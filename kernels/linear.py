@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ctal.ops.validate import first_order_only
+
 from ._common import (NORM_EPS, acc_dtype, acc_torch_dtype, cdiv, channel_block, channel_reason,
                       check_device, dot_dtype, grid_offsets, input_precision, item_size_reason,
                       l2norm_bwd_tile, poisoned, shifted_pixels, tile, tl, triton, warps)
@@ -304,6 +306,7 @@ def _setup(ctx, inputs, output):
 
 
 def _grad(ctx, dy, dg, dnrm):
+    first_order_only("triton-linear")
     # G and the norms are internal by-products; nothing downstream differentiates through them.
     x, v, weight, bias, g, nrm = ctx.saved_tensors
     dx, dv, dw, db = linear_bwd(dy, x, v, weight, bias if ctx.has_bias else None, g, nrm)

@@ -28,9 +28,9 @@ def affinity(x: Tensor, *, backend: str = "reference") -> Tensor:
 
 def align(a: Tensor, size: tuple[int, int], *, backend: str = "reference") -> Tensor:
     """Task-interleave: ``(B, T, N, N) -> (B, N*T, H, W)`` with channel ``i*T + t = A_t[i]``."""
-    if not isinstance(a, Tensor) or a.dim() != 4 or a.shape[2] != a.shape[3]:
-        raise ValueError(f"a must be (B, T, N, N) affinities, got "
-                         f"{tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}")
+    validate.values("a", a, 4, "(B, T, N, N) affinities")
+    if a.shape[2] != a.shape[3]:
+        raise ValueError(f"a must be (B, T, N, N) affinities, got shape {tuple(a.shape)}")
     H, W = _grid(size)
     if H * W != a.shape[2]:
         raise ValueError(f"size {H}x{W} does not match N = {a.shape[2]} of the affinities")
@@ -40,24 +40,22 @@ def align(a: Tensor, size: tuple[int, int], *, backend: str = "reference") -> Te
 def diffuse(z: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
             backend: str = "reference") -> Tensor:
     """Grouped 3x3 conv (one group per query pixel) over aligned affinities: ``-> M (B, N, N)``."""
-    if not isinstance(z, Tensor) or z.dim() != 4:
-        raise ValueError("z must be the aligned affinities (B, N*T, H, W)")
+    validate.values("z", z, 4, "(B, N*T, H, W) aligned affinities")
     B, NT, H, W = z.shape
     N = H * W
-    if NT % N != 0 or NT == 0:
+    if NT % N != 0:
         raise ValueError(f"z must have N*T channels with N = H*W = {N}, got {NT}")
-    validate.fusion_params(weight, bias, NT // N, H, W, z)
+    validate.fusion_params(weight, bias, NT // N, H, W, z, like_name="z")
     return dispatch.stage_impl("diffuse", backend)(z, weight, bias)
 
 
 def propagate(m: Tensor, v: Tensor, *, backend: str = "reference") -> Tensor:
     """``y[b, t, :, i] = sum_j M[b, i, j] v[b, t, :, j]``: ``-> (B, T, C, H, W)``."""
     B, T, C, H, W = validate.features(v, "v")
-    if not isinstance(m, Tensor) or tuple(m.shape) != (B, H * W, H * W):
-        raise ValueError(f"m must have shape (B, N, N) = ({B}, {H * W}, {H * W}), got "
-                         f"{tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__}")
-    if m.dtype != v.dtype or m.device != v.device:
-        raise TypeError(f"m ({m.dtype}, {m.device}) and v ({v.dtype}, {v.device}) must match")
+    validate.values("m", m, 3, "(B, N, N) diffusion matrix")
+    if tuple(m.shape) != (B, H * W, H * W):
+        raise ValueError(f"m must have shape (B, N, N) = ({B}, {H * W}, {H * W}), got {tuple(m.shape)}")
+    validate.same_kind("v", v, "m", m)
     return dispatch.stage_impl("propagate", backend)(m, v)
 
 
@@ -77,14 +75,25 @@ def ctal_attention(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] 
 def explain(x: Tensor, v: Optional[Tensor] = None, weight: Optional[Tensor] = None,
             bias: Optional[Tensor] = None, *, backend: str = "auto") -> Decision:
     """The backend ``ctal_attention`` would run for these inputs, the reason, and the candidates
-    with their FLOP counts and availability. ``print(explain(...))`` gives a table."""
-    validate.features(x)
+    with their FLOP counts and availability. ``print(explain(...))`` gives a table. ``v``,
+    ``weight`` and ``bias`` are optional; when given, they are checked as ``ctal_attention``
+    would check them."""
+    if v is None and weight is None and bias is None:
+        validate.features(x)
+    elif v is None or weight is None:
+        raise ValueError("explain: give v and weight together (bias is optional), or x alone")
+    else:
+        validate.attention_inputs(x, v, weight, bias)
     return decide(Problem.of(x), backend)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Names of the backends that can run on ``device`` (checked on a tiny problem)."""
-    p = Problem(1, 1, 1, 1, 1, torch.float32, torch.device(device))
+    """Names of the backends that can run on ``device`` (checked on a tiny problem); none on a
+    CUDA device when this machine has no GPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return []
+    p = Problem(1, 1, 1, 1, 1, torch.float32, device)
     return [n for n, b in backends().items() if b.unsupported(p) is None]
 
 

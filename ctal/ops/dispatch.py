@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import linear, quadratic, reference
+from .validate import first_order_only
 
 # Preference among implementations of the same algorithm (higher wins).
 IMPLEMENTATION_RANK = {"pytorch": 0, "cpp": 1, "triton": 2, "cuda": 3}
@@ -173,7 +174,16 @@ def decide(p: Problem, backend: str = "auto") -> Decision:
     def weighted(c):  # GFLOP as auto compares them
         return c["gflops"] * (NXN_FLOP_WEIGHT if table[c["name"]].materializes_nxn else 1.0)
 
-    best = min(ok, key=lambda c: (weighted(c), -IMPLEMENTATION_RANK[c["implementation"]]))
+    # An explicit loop, not min(key=...): under torch.compile with dynamic shapes each comparison
+    # becomes a guard on the sizes (a size on the other side of it recompiles).
+    best = ok[0]
+    for c in ok[1:]:
+        if weighted(c) < weighted(best) or (
+                weighted(c) == weighted(best)
+                and IMPLEMENTATION_RANK[c["implementation"]] > IMPLEMENTATION_RANK[best["implementation"]]):
+            best = c
+    if torch.compiler.is_compiling():  # the reason is for explain(); compiled code needs the name
+        return Decision(best["name"], "", candidates)
     others = [weighted(c) for c in ok if c["algorithm"] != best["algorithm"]]
     other = "linear" if best["algorithm"] == "quadratic" else "quadratic"
     vs = f" vs {min(others):.3g} for {other}" if others else ""
@@ -222,6 +232,7 @@ def explicit_op(name: str, module, saved_shape: Callable[[Tensor], tuple]) -> Ca
         ctx.save_for_backward(x, v, weight, bias, output[1])
 
     def backward(ctx, dy, dsaved):
+        first_order_only(name)
         # ``saved`` is internal; nothing downstream differentiates through it.
         x, v, weight, bias, saved = ctx.saved_tensors
         dx, dv, dw, db = bwd(dy.contiguous(), x, v, weight, bias if ctx.has_bias else None, saved)

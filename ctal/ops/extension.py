@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .validate import first_order_only
+
 try:  # the compiled module; its import registers torch.ops.ctal_ext
     from ctal import _C  # type: ignore[attr-defined]
     _IMPORT_ERROR: Optional[BaseException] = None
@@ -78,6 +80,8 @@ def _cuda_unsupported(p) -> Optional[str]:
         return NO_CUDA_HINT
     if p.device.type != "cuda":
         return f"needs CUDA tensors, got {p.device.type}"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available here (torch.cuda.is_available() is False)"
     return None
 
 
@@ -192,6 +196,7 @@ def _register_op_support() -> None:
         ctx.save_for_backward(x, v, weight, bias, output[1])
 
     def linear_backward(ctx, dy, dg):
+        first_order_only("cpp / cuda-linear")
         # G is an internal by-product; nothing downstream differentiates through it.
         x, v, weight, bias, g = ctx.saved_tensors
         dx, dv, dw, db = torch.ops.ctal_ext.linear_bwd(dy, x, v, weight, bias, g)
@@ -206,6 +211,7 @@ def _register_op_support() -> None:
         ctx.save_for_backward(x, v, weight, bias)
 
     def fused_backward(ctx, dy):
+        first_order_only("cuda-fused")
         x, v, weight, bias = ctx.saved_tensors
         dx, dv, dw, db = torch.ops.ctal_ext.fused_bwd(dy, x, v, weight, bias, ctx.allow_tf32)
         return dx, dv, dw, (db if ctx.has_bias else None), None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -17,43 +18,63 @@ def _tensor(name: str, t, rank: int) -> torch.Tensor:
 
 
 def _finite(name: str, t: torch.Tensor) -> None:
-    if torch.compiler.is_compiling():  # data-dependent checks would break fullgraph capture
+    # Data-dependent: skipped while torch.compile traces (it would break fullgraph capture) and on
+    # meta / fake tensors, which carry no values.
+    if torch.compiler.is_compiling() or t.device.type == "meta" or isinstance(t, FakeTensor):
         return
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
-def _same_kind(ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor) -> None:
+def same_kind(ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor) -> None:
+    """``t`` has the dtype and device of ``ref``."""
     if t.dtype != ref.dtype:
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; use one dtype")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
+def values(name: str, t, rank: int, layout: str) -> torch.Tensor:
+    """A non-empty, finite floating tensor of ``rank`` dims, laid out as ``layout`` (for the
+    message, e.g. ``"(B, T, N, N)"``)."""
+    _tensor(name, t, rank)
+    if t.numel() == 0:
+        raise ValueError(f"{name} must be non-empty {layout}, got shape {tuple(t.shape)}")
+    _finite(name, t)
+    return t
+
+
 def features(x, name: str = "x") -> tuple[int, int, int, int, int]:
     """Check a ``(B, T, C, H, W)`` feature tensor; returns its shape."""
-    _tensor(name, x, 5)
-    B, T, C, H, W = x.shape
-    if min(B, T, C, H, W) == 0:
-        raise ValueError(f"{name} must be non-empty (B, T, C, H, W), got shape {tuple(x.shape)}")
-    _finite(name, x)
-    return B, T, C, H, W
+    values(name, x, 5, "(B, T, C, H, W)")
+    return tuple(x.shape)
 
 
-def fusion_params(weight, bias, T: int, H: int, W: int, like: torch.Tensor) -> None:
+def first_order_only(what: str) -> None:
+    """Called at the start of an explicit backward: these backwards are kernels / GEMM chains
+    without a backward of their own, so ``create_graph=True`` is refused up front instead of
+    failing inside (or returning gradients that cannot be differentiated again)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"{what}: double backward (autograd.grad(..., create_graph=True)) is not supported; "
+            "use backend='reference', whose PyTorch ops are twice differentiable")
+
+
+def fusion_params(weight, bias, T: int, H: int, W: int, like: torch.Tensor,
+                  like_name: str = "x") -> None:
     """Check the grouped-conv fusion weight ``(H*W, T, 3, 3)`` and bias ``(H*W,)``."""
     _tensor("weight", weight, 4)
     if tuple(weight.shape) != (H * W, T, 3, 3):
         raise ValueError(
             f"weight must have shape (H*W, T, 3, 3) = ({H * W}, {T}, 3, 3) for a {H}x{W} grid "
             f"and {T} tasks, got {tuple(weight.shape)}")
-    _same_kind("x", like, "weight", weight)
+    same_kind(like_name, like, "weight", weight)
     _finite("weight", weight)
     if bias is not None:
         _tensor("bias", bias, 1)
         if bias.shape[0] != H * W:
             raise ValueError(f"bias must have shape (H*W,) = ({H * W},), got {tuple(bias.shape)}")
-        _same_kind("x", like, "bias", bias)
+        same_kind(like_name, like, "bias", bias)
         _finite("bias", bias)
 
 
@@ -63,7 +84,7 @@ def attention_inputs(x, v, weight, bias) -> tuple[int, int, int, int, int]:
     _tensor("v", v, 5)
     if tuple(v.shape) != tuple(x.shape):
         raise ValueError(f"v must have the same (B, T, C, H, W) as x {tuple(x.shape)}, got {tuple(v.shape)}")
-    _same_kind("x", x, "v", v)
+    same_kind("x", x, "v", v)
     _finite("v", v)
     fusion_params(weight, bias, T, H, W, x)
     return B, T, C, H, W
