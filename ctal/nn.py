@@ -45,13 +45,19 @@ class CrossTaskAffinity(nn.Module):
     def __init__(self, tasks: Union[Sequence[str], int], channels: int, size: tuple[int, int],
                  gamma: float = 0.05, backend: str = "auto"):
         super().__init__()
-        if isinstance(tasks, int):
+        if isinstance(tasks, int) and not isinstance(tasks, bool) and tasks > 0:
             tasks = [str(i) for i in range(tasks)]
+        if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence):
+            raise ValueError(f"tasks must be a list of task names or a positive count, got {tasks!r}")
         tasks = list(tasks)
-        if not tasks or len(set(tasks)) != len(tasks):
+        if (not tasks or len(set(tasks)) != len(tasks)
+                or not all(isinstance(t, str) and t for t in tasks)):
             raise ValueError(f"tasks must be a non-empty list of distinct names, got {tasks!r}")
-        if not isinstance(channels, int) or channels <= 0:
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels <= 0:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
+        if (not isinstance(gamma, (int, float)) or isinstance(gamma, bool)
+                or not 0.0 <= float(gamma) <= 1.0):
+            raise ValueError(f"gamma must be a number in [0, 1] (the paper uses 0.05), got {gamma!r}")
         self._size = _check_grid(size)
         self._backend = _check_backend(backend)
         self.tasks = tasks
@@ -61,6 +67,9 @@ class CrossTaskAffinity(nn.Module):
         self.proj = nn.ModuleDict({t: nn.Conv2d(channels, channels, 3, padding=1) for t in tasks})
         self.weight = nn.Parameter(torch.empty(N, T, 3, 3))
         self.bias = nn.Parameter(torch.empty(N))
+        # The grid is part of the state: fusion weights of a 5x6 grid have the shape of a 6x5
+        # grid's, and loading them there would put every kernel on the wrong pixel.
+        self.register_buffer("grid_size", torch.tensor(self._size))
         self.reset_fusion_parameters()
 
     @property
@@ -110,7 +119,23 @@ class CrossTaskAffinity(nn.Module):
         self.weight = nn.Parameter(new_w, requires_grad=self.weight.requires_grad)
         self.bias = nn.Parameter(new_b, requires_grad=self.bias.requires_grad)
         self._size = (H1, W1)
+        self.grid_size.copy_(torch.tensor(self._size))
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "grid_size"
+        if key in state_dict:
+            got = tuple(int(s) for s in state_dict[key].tolist())
+            if got != self._size:
+                raise ValueError(
+                    f"{prefix or 'state'}: these fusion weights were trained on a {got[0]}x{got[1]} "
+                    f"feature grid, this module is built for {self._size[0]}x{self._size[1]}; build "
+                    f"it for {got} (or load into a {got} module and .resample({self._size}))")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if key not in state_dict and key in missing_keys:  # saved before the grid was recorded
+            missing_keys.remove(key)
 
     def reset_fusion_parameters(self) -> None:
         """Initialize the fusion weight/bias exactly like ``nn.Conv2d(N*T, N, 3, groups=N)``."""
@@ -126,8 +151,20 @@ class CrossTaskAffinity(nn.Module):
     def _stack(self, x: Union[Mapping[str, Tensor], Tensor]) -> Tensor:
         if isinstance(x, Mapping):
             missing = [t for t in self.tasks if t not in x]
-            if missing:
-                raise ValueError(f"missing task features {missing}; expected keys {self.tasks}")
+            extra = [t for t in x if t not in self.tasks]
+            if missing or extra:
+                raise ValueError(f"task features must have exactly the keys {self.tasks}; missing "
+                                 f"{missing}, unexpected {extra}")
+            first = x[self.tasks[0]]
+            for t in self.tasks:
+                f = x[t]
+                if not isinstance(f, Tensor) or f.dim() != 4:
+                    raise ValueError(f"features of task {t!r} must be a (B, C, H, W) tensor, got "
+                                     f"{tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__}")
+                if f.shape != first.shape:
+                    raise ValueError(f"features of task {t!r} have shape {tuple(f.shape)}, task "
+                                     f"{self.tasks[0]!r} has {tuple(first.shape)}; all tasks need "
+                                     f"the same (B, {self.channels}, {self.size[0]}, {self.size[1]})")
             x = torch.stack([x[t] for t in self.tasks], dim=1)
         if not isinstance(x, Tensor) or x.dim() != 5:
             raise ValueError("x must be a dict of (B, C, H, W) task features or a (B, T, C, H, W) tensor")

@@ -59,16 +59,26 @@ def test_parameter_shapes_match_grouped_conv():
     mod = ctal.CrossTaskAffinity(4, 8, (6, 9))
     conv = torch.nn.Conv2d(54 * 4, 54, 3, padding=1, groups=54)
     assert mod.weight.shape == conv.weight.shape and mod.bias.shape == conv.bias.shape
-    # Same init distribution bound as the conv (kaiming-uniform, fan_in = T * 9).
-    assert mod.weight.abs().max() <= conv.weight.abs().max() * 1.5
+    # Same init distribution as the conv: kaiming-uniform with fan_in = T * 9, i.e. uniform on
+    # +-1/sqrt(fan_in) for the weight and the bias (std bound/sqrt(3)).
+    bound = 1 / (4 * 9) ** 0.5
+    for t in (mod.weight, mod.bias):
+        assert t.abs().max() <= bound and t.abs().max() > 0.9 * bound
+        assert abs(float(t.detach().std()) - bound / 3 ** 0.5) < 0.1 * bound
 
 
 def test_module_errors():
     mod = ctal.CrossTaskAffinity(["a", "b"], 3, (4, 4))
     with pytest.raises(ValueError, match="input grid 5x4 differs from the 4x4 grid"):
         mod(torch.randn(1, 2, 3, 5, 4))
-    with pytest.raises(ValueError, match=r"missing task features \['b'\]"):
+    with pytest.raises(ValueError, match=r"missing \['b'\]"):
         mod({"a": torch.randn(1, 3, 4, 4)})
+    with pytest.raises(ValueError, match=r"unexpected \['c'\]"):
+        mod({"a": torch.randn(1, 3, 4, 4), "b": torch.randn(1, 3, 4, 4), "c": torch.randn(1, 3, 4, 4)})
+    with pytest.raises(ValueError, match="features of task 'b' have shape"):
+        mod({"a": torch.randn(1, 3, 4, 4), "b": torch.randn(2, 3, 4, 4)})
+    with pytest.raises(ValueError, match="features of task 'a' must be a"):
+        mod({"a": torch.randn(3, 4, 4), "b": torch.randn(1, 3, 4, 4)})
     with pytest.raises(ValueError, match="expected 2 tasks x 3 channels"):
         mod(torch.randn(1, 2, 4, 4, 4))
     with pytest.raises(ValueError, match="size must be a pair"):
@@ -77,6 +87,32 @@ def test_module_errors():
         ctal.CrossTaskAffinity(2, 3, (4, 4), backend="nope")
     with pytest.raises(ValueError, match="distinct"):
         ctal.CrossTaskAffinity(["a", "a"], 3, (4, 4))
+    with pytest.raises(ValueError, match="tasks must be a list of task names"):
+        ctal.CrossTaskAffinity("depth", 3, (4, 4))  # not the five tasks d, e, p, t, h
+    with pytest.raises(ValueError, match="channels must be a positive int"):
+        ctal.CrossTaskAffinity(2, True, (4, 4))
+    for gamma in (-1, 2, float("nan"), float("inf"), "abc", True):
+        with pytest.raises(ValueError, match=r"gamma must be a number in \[0, 1\]"):
+            ctal.CrossTaskAffinity(2, 3, (4, 4), gamma=gamma)
+
+
+def test_state_dict_records_the_grid():
+    """Fusion weights of a 5x6 grid have the shape of a 6x5 grid's: loading them there must fail
+    with the reason, not put every kernel on the wrong pixel."""
+    a = ctal.CrossTaskAffinity(["a", "b"], 4, (5, 6))
+    b = ctal.CrossTaskAffinity(["a", "b"], 4, (6, 5))
+    with pytest.raises(ValueError, match="trained on a 5x6 feature grid, this module is built for 6x5"):
+        b.load_state_dict(a.state_dict())
+    c = ctal.CrossTaskAffinity(["a", "b"], 4, (5, 6))
+    c.load_state_dict(a.state_dict())
+    assert torch.equal(c.weight, a.weight)
+    # a state dict saved before the grid was recorded still loads strictly
+    old = {k: v for k, v in a.state_dict().items() if k != "grid_size"}
+    c.load_state_dict(old)
+    # the recorded grid follows resample, and module.half() leaves it an integer tensor
+    a.resample((3, 4))
+    assert a.state_dict()["grid_size"].tolist() == [3, 4]
+    assert a.half().grid_size.dtype == torch.int64
 
 
 def test_resample_regrids_the_fusion_parameters():
