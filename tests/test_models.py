@@ -472,13 +472,31 @@ def test_hrnet_loader_official_layout(tmp_path):
     bad = dict(full.state_dict())
     bad.pop("conv1.weight")
     bad["stage5.0.weight"] = torch.zeros(3)
-    report = load_hrnet_weights(HRNetBackbone(), bad)
+    with pytest.warns(UserWarning, match="partly loaded.*MISSING"):  # said, not only stored
+        report = load_hrnet_weights(HRNetBackbone(), bad)
     assert "conv1.weight" in report.missing and "stage5.0.weight" in report.unexpected
     assert not report.ok and "MISSING" in str(report)
     with pytest.raises(RuntimeError, match="do not fit"):
         load_hrnet_weights(HRNetBackbone(), bad, strict=True)
     with pytest.raises(FileNotFoundError):
         HRNetBackbone(weights=tmp_path / "absent.pth")
+
+
+def test_weight_files_that_do_not_fit_are_errors(tmp_path):
+    """A file none of whose tensors fit, a dict of non-tensors, or a file that is no checkpoint
+    at all: each is an error naming the file, never a backbone left at its initialization."""
+    wrong = tmp_path / "wrongkeys.pth"
+    torch.save({"encoder.block.weight": torch.zeros(3)}, wrong)
+    with pytest.raises(ValueError, match="wrongkeys.pth: none of its 1 tensors fit this backbone"):
+        HRNetBackbone(weights=wrong)
+    not_tensors = tmp_path / "config.pth"
+    torch.save({"a": 1}, not_tensors)
+    with pytest.raises(ValueError, match="config.pth does not contain a state dict of tensors"):
+        HRNetBackbone(weights=not_tensors)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pth.*could not be read as a PyTorch checkpoint"):
+        ResNetBackbone("resnet18", weights=garbage)
 
 
 def test_swin_loader_torchvision_file(tmp_path):

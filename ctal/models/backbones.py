@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -70,13 +71,18 @@ def _read_state_dict(weights: Union[str, os.PathLike, dict]) -> tuple[dict, str]
         path = os.fspath(weights)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"weight file {path!r} does not exist")
-        sd, source = torch.load(path, map_location="cpu", weights_only=True), path
+        try:
+            sd, source = torch.load(path, map_location="cpu", weights_only=True), path
+        except Exception as err:  # pickle / zip / weights_only errors come in many types
+            raise ValueError(f"weight file {path!r} could not be read as a PyTorch checkpoint "
+                             f"({type(err).__name__}: {err})") from err
     # Checkpoints wrap the tensors in various ways; unwrap the common ones.
     for key in ("state_dict", "model", "model_state"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{source} does not contain a state dict (got {type(sd).__name__})")
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        what = type(sd).__name__ if not isinstance(sd, dict) else "a dict with non-tensor values"
+        raise ValueError(f"{source} does not contain a state dict of tensors (got {what})")
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
     return sd, source
 
@@ -95,8 +101,14 @@ def _load(module: nn.Module, sd: dict, source: str, head_prefixes: Sequence[str]
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     report = LoadReport(source, len(sd) - len(result.unexpected_keys), missing,
                         list(result.unexpected_keys), ignored)
+    if report.loaded == 0:
+        raise ValueError(f"{source}: none of its {len(sd)} tensors fit this backbone (file keys "
+                         f"like {list(sd)[:3]}, backbone keys like {list(own)[:3]}); is it the "
+                         f"right file for this architecture?")
     if strict and not report.ok:
         raise RuntimeError(f"weights do not fit the backbone: {report}")
+    if not report.ok:  # partly loaded: say so where the user sees it, not only in load_report
+        warnings.warn(f"backbone weights partly loaded: {report}", stacklevel=3)
     return report
 
 
