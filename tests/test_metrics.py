@@ -48,6 +48,24 @@ def test_seg_meter_errors():
         SegMeter(3).compute()
 
 
+def test_seg_meter_rejects_fractional_targets_and_nan_logits():
+    m = SegMeter(3)
+    with pytest.raises(ValueError, match=r"`target` must hold integer class ids in \[0, 3\) or ignore_index -1.*0\.5"):
+        m.update(torch.zeros(1, 1, 2, dtype=torch.long), torch.tensor([[[0.0, 0.5]]]))
+    with pytest.raises(ValueError, match=r"`target` must hold integer class ids.*nan"):
+        m.update(torch.zeros(1, 1, 2, dtype=torch.long), torch.tensor([[[0.0, float("nan")]]]))
+    logits = torch.zeros(1, 3, 1, 2)
+    logits[0, 1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="`pred` has 1 non-finite value.*logits must be finite"):
+        m.update(logits, torch.tensor([[[0, 1]]]))
+    with pytest.raises(ValueError, match=r"`pred` must hold integer class ids.*1\.5"):
+        m.update(torch.tensor([[[0.0, 1.5]]]), torch.tensor([[[0, 1]]]))
+    assert m.confusion.sum() == 0                        # nothing was counted by the failed updates
+    # integer-valued float targets (-1.0 = void) are fine, and a NaN logit on a void pixel is not looked at
+    m.update(logits, torch.tensor([[[-1.0, 1.0]]]))      # pixel 2: logits (0, 0, 0) -> argmax 0, truth 1
+    assert m.compute()["pixel_acc"] == pytest.approx(0.0)
+
+
 # ----------------------------------------------------------------------------- depth
 def test_depth_meter_pixel_accumulated():
     # batch 1 valid diffs (target 0 is invalid): -1 (t=2), 2 (t=1), 0 (t=4)
@@ -65,6 +83,15 @@ def test_depth_meter_pixel_accumulated():
 def test_depth_meter_shape_error():
     with pytest.raises(ValueError, match="DepthMeter"):
         DepthMeter().update(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 3))
+
+
+def test_depth_meter_rejects_nan_predictions_on_valid_pixels_only():
+    nan = float("nan")
+    with pytest.raises(ValueError, match="DepthMeter.update: `pred` has 1 non-finite value"):
+        DepthMeter().update(torch.tensor([nan, 1.0]).view(1, 1, 1, 2), torch.tensor([2.0, 1.0]).view(1, 1, 1, 2))
+    m = DepthMeter()                                     # NaN where the target is invalid (0): not scored
+    m.update(torch.tensor([nan, 3.0]).view(1, 1, 1, 2), torch.tensor([0.0, 1.0]).view(1, 1, 1, 2))
+    assert m.compute()["abs_err"] == pytest.approx(2.0)
 
 
 # ----------------------------------------------------------------------------- normals
@@ -96,6 +123,42 @@ def test_normals_meter_thresholds_and_odd_median():
     r = m.compute()
     assert r["median"] == pytest.approx(20, abs=1e-3)
     assert (r["11.25"], r["22.5"], r["30"]) == pytest.approx((100 / 3, 200 / 3, 100.0))
+
+
+def test_normals_meter_two_updates_equal_one_update_on_the_concatenation():
+    # image 1: angles 10 and 90 degrees; image 2: 25 and 180 (targets all +x)
+    # mean (10 + 90 + 25 + 180) / 4 = 76.25; median (25 + 90) / 2 = 57.5;
+    # rmse sqrt((100 + 8100 + 625 + 32400) / 4); within 11.25: 1/4, 22.5: 1/4, 30: 2/4
+    def img(a, b):
+        return _normals([[math.cos(math.radians(x)), math.sin(math.radians(x)), 0] for x in (a, b)])
+    p1, p2 = img(10, 90), img(25, 180)
+    t = _normals([[1, 0, 0]] * 2)
+    two, one = NormalsMeter(), NormalsMeter()
+    two.update(p1, t)
+    two.update(p2, t)
+    one.update(torch.cat([p1, p2]), torch.cat([t, t]))
+    r2, r1 = two.compute(), one.compute()
+    assert r2 == pytest.approx(r1)
+    assert r1["mean"] == pytest.approx(76.25, abs=1e-4)
+    assert r1["median"] == pytest.approx(57.5, abs=1e-3)
+    assert r1["rmse"] == pytest.approx(math.sqrt(41225 / 4), abs=1e-4)
+    assert (r1["11.25"], r1["22.5"], r1["30"]) == pytest.approx((25.0, 25.0, 50.0))
+
+
+def test_normals_meter_rejects_non_finite_predictions():
+    # before: a NaN angle made the mean NaN but fell into histogram bin 0 (median, % within looked fine)
+    pred = _normals([[1, 0, 0], [float("nan"), 0, 0], [0, 1, 0]])
+    target = _normals([[1, 0, 0], [1, 0, 0], [1, 0, 0]])
+    m = NormalsMeter()
+    with pytest.raises(ValueError, match="NormalsMeter.update: `pred` has 1 non-finite value.*must be finite"):
+        m.update(pred, target)
+    pred[0, 0, 0, 1] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        m.update(pred, target)
+    assert m.n == 0
+    # on a pixel with an invalid (all-zero) target the prediction is not scored, so NaN is allowed there
+    m.update(pred, _normals([[1, 0, 0], [0, 0, 0], [1, 0, 0]]))
+    assert m.compute()["mean"] == pytest.approx(45.0)    # angles 0 and 90
 
 
 # ----------------------------------------------------------------------------- saliency
@@ -133,6 +196,70 @@ def test_saliency_meter_averages_per_image():
     r = m.compute()
     assert r["maxF"] == pytest.approx(25.0)
     assert r["max_mIoU"] == pytest.approx(200 / 3)
+
+
+def test_saliency_meter_two_updates_equal_one_update_on_the_concatenation():
+    # threshold .5.  image A: probs .9 .6 .3 .1, truth 1 0 1 0 -> TP1 FP1 FN1: P 1/2, R 1/2, IoU 1/3
+    #                image B: probs .9 .8 .3 .2, truth 1 1 1 0 -> TP2 FP0 FN1: P 1, R 2/3, IoU 2/3
+    #                image C: every pixel ignored -> no P / R / IoU, skipped
+    # mean P 3/4, mean R 7/12 -> F = 1.3 * (3/4)(7/12) / (0.3 * 3/4 + 7/12) = 0.56875 / (9.7/12) = 6.825 / 9.7
+    # mean IoU 1/2.  (Pooling the pixels instead would give P 3/4, R 3/5.)
+    pa = torch.tensor([0.9, 0.6, 0.3, 0.1]).view(1, 1, 1, 4)
+    ga = torch.tensor([1.0, 0, 1, 0]).view(1, 1, 1, 4)
+    pb = torch.tensor([[0.9, 0.8, 0.3, 0.2], [0.9, 0.9, 0.9, 0.9]]).view(2, 1, 1, 4)
+    gb = torch.tensor([[1.0, 1, 1, 0], [255, 255, 255, 255]]).view(2, 1, 1, 4)
+    two = SaliencyMeter(thresholds=[0.5], from_logits=False)
+    two.update(pa, ga)
+    two.update(pb, gb)
+    one = SaliencyMeter(thresholds=[0.5], from_logits=False)
+    one.update(torch.cat([pa, pb]), torch.cat([ga, gb]))
+    r2, r1 = two.compute(), one.compute()
+    assert r2 == pytest.approx(r1)
+    assert r1["maxF"] == pytest.approx(100 * 6.825 / 9.7)
+    assert r1["max_mIoU"] == pytest.approx(50.0)
+
+
+def test_saliency_meter_accepts_the_loaders_label_conventions():
+    # float {0, 1} with 255 = ignore (what ctal/data produces), uint8 and bool give the same numbers
+    probs = torch.tensor([0.9, 0.6, 0.3, 0.1, 0.95]).view(1, 1, 1, 5)
+    gt = torch.tensor([1.0, 0, 1, 0, 255]).view(1, 1, 1, 5)
+    results = []
+    for g in (gt, gt.to(torch.uint8)):
+        m = SaliencyMeter(thresholds=[0.2, 0.5, 0.8], from_logits=False)
+        m.update(probs, g)
+        results.append(m.compute()["maxF"])
+    m = SaliencyMeter(thresholds=[0.2, 0.5, 0.8], from_logits=False)
+    m.update(probs[..., :4], gt[..., :4].bool())
+    results.append(m.compute()["maxF"])
+    assert results == pytest.approx([81.25] * 3)
+
+
+def test_saliency_meter_errors():
+    nan = float("nan")
+    m = SaliencyMeter(thresholds=[0.5], from_logits=False)
+    p = torch.full((1, 1, 1, 4), 0.7)
+    with pytest.raises(ValueError, match=r"SaliencyMeter.update: `target` must hold 0 or 1 \(or 255 = ignore\).*0\.5"):
+        m.update(p, torch.tensor([1.0, 0.5, 0, 255]).view(1, 1, 1, 4))         # soft target
+    with pytest.raises(ValueError, match=r"`target` must hold 0 or 1.*nan"):
+        m.update(p, torch.tensor([1.0, nan, 0, 0]).view(1, 1, 1, 4))
+    with pytest.raises(ValueError, match="SaliencyMeter.update: `pred` has 1 non-finite value"):
+        m.update(torch.tensor([0.7, nan, 0.1, 0.1]).view(1, 1, 1, 4), torch.tensor([1.0, 0, 0, 0]).view(1, 1, 1, 4))
+    with pytest.raises(ValueError, match=r"outside \[0, 1\].*from_logits=False"):
+        m.update(torch.tensor([3.0, 0, 0, 0]).view(1, 1, 1, 4), torch.tensor([1.0, 0, 0, 0]).view(1, 1, 1, 4))
+    assert not m.prec                                                          # nothing was recorded
+    # compute() without a single valid pixel: nothing seen, an all-ignored image, a zero-size batch
+    for pred, target in [(None, None), (p, torch.full((1, 1, 1, 4), 255.0)),
+                         (torch.zeros(0, 1, 1, 4), torch.zeros(0, 1, 1, 4))]:
+        m = SaliencyMeter()
+        if pred is not None:
+            m.update(pred, target)
+        with pytest.raises(ValueError, match=r"SaliencyMeter.compute\(\): no valid \(non-ignored\) target pixels"):
+            m.compute()
+    # a {0, 255} mask passes the value check (255 is the ignore value) but has no salient pixel at all
+    m = SaliencyMeter()
+    m.update(torch.zeros(1, 1, 1, 4), torch.tensor([0.0, 255, 255, 0]).view(1, 1, 1, 4))
+    with pytest.raises(ValueError, match=r"no salient target pixel \(target == 1\) in the whole set"):
+        m.compute()
 
 
 # ----------------------------------------------------------------------------- edges
@@ -201,6 +328,49 @@ def test_edge_meter_rejects_bad_tolerance():
         EdgeMeter(max_dist=2)
 
 
+def test_edge_meter_matching_is_one_to_one():
+    # truth: row 5; prediction: rows 5 and 6, both .9; no thinning; tolerance 0.1 * 14.1 px = 1.41 px
+    # reaches the neighbour row.  One-to-one matching: the 10 truth pixels match the 10 row-5
+    # predictions, the 10 row-6 predictions find no free partner -> P 10/20, R 10/10,
+    # F = 2 * .5 / 1.5 = 2/3.  (A nearest-distance matcher would count all 20 as correct: P 1.)
+    # AP: recall 1 at every level 0 .. .99 with precision 1/2 -> 100 * .5 / 101
+    pred = _line(5, 0.9)
+    pred[0, 0, 6] = 0.9
+    m = EdgeMeter(max_dist=0.1, thresholds=[0.5], thin=False, from_logits=False)
+    m.update(pred, _line(5))
+    r = m.compute()
+    assert r["odsF"] == pytest.approx(200 / 3)
+    assert r["oisF"] == pytest.approx(200 / 3)
+    assert r["AP"] == pytest.approx(100 * 0.5 * 100 / 101)
+
+
+def test_edge_meter_errors():
+    nan = float("nan")
+    m = EdgeMeter(thresholds=[0.5], from_logits=False)
+    soft = _line(5, 0.5)
+    with pytest.raises(ValueError, match=r"EdgeMeter.update: `target` must hold 0 or 1 \(or 255 = ignore\).*0\.5"):
+        m.update(_line(5, 0.9), soft)
+    bad = _line(5, 0.9)
+    bad[0, 0, 0, 0] = nan
+    with pytest.raises(ValueError, match="EdgeMeter.update: `pred` has 1 non-finite value"):
+        m.update(bad, _line(5))
+    assert not m.per_image
+    # NaN on an ignored pixel is not scored
+    gt = _line(5)
+    gt[0, 0, 0, 0] = 255.0
+    m.update(bad, gt)
+    assert m.compute()["odsF"] == pytest.approx(100.0)
+    # a {0, 255} edge map: 255 reads as ignore, leaving no edge pixel at all
+    m = EdgeMeter(thresholds=[0.5], from_logits=False)
+    m.update(_line(5, 0.9), _line(5, 255.0))
+    with pytest.raises(ValueError, match=r"no edge pixel \(target == 1\) in the whole set"):
+        m.compute()
+    m = EdgeMeter(thresholds=[0.5], from_logits=False)
+    m.update(_line(5, 0.9), torch.full((1, 1, 10, 10), 255.0))
+    with pytest.raises(ValueError, match=r"EdgeMeter.compute\(\): no valid \(non-ignored\) target pixels"):
+        m.compute()
+
+
 # ----------------------------------------------------------------------------- delta_m & builders
 def test_delta_m_hand_computed():
     base = {"semseg": {"mIoU": 40.0}, "depth": {"rmse": 0.5}, "normals": {"mean": 20.0}}
@@ -212,6 +382,16 @@ def test_delta_m_hand_computed():
     with pytest.raises(KeyError, match="direction"):
         delta_m({"x": {"score": 2}}, {"x": {"score": 1}})
     assert delta_m({"x": {"score": 2}}, {"x": {"score": 1}}, {"x/score": False}) == pytest.approx(-100)
+
+
+def test_delta_m_rejects_non_finite_metrics():
+    base = {"semseg": {"mIoU": 40.0}, "depth": {"rmse": 0.5}}
+    with pytest.raises(ValueError, match="delta_m: metric depth/rmse = nan is not a finite number"):
+        delta_m({"semseg": {"mIoU": 44.0}, "depth": {"rmse": float("nan")}}, base)
+    with pytest.raises(ValueError, match="metric semseg/mIoU = inf"):
+        delta_m({"semseg": {"mIoU": float("inf")}, "depth": {"rmse": 0.5}}, base)
+    with pytest.raises(ValueError, match="baseline depth/rmse = nan"):
+        delta_m({"semseg": {"mIoU": 44.0}, "depth": {"rmse": 0.5}}, {**base, "depth": {"rmse": float("nan")}})
 
 
 def test_baselines_json_roundtrip_and_errors(tmp_path):

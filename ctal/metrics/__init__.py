@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from ..tasks import TASKS
+from ._checks import finite_number
 from .edge import EDGE_MAX_DIST, EdgeMeter
 from .regression import DepthMeter, NormalsMeter
 from .saliency import SaliencyMeter
@@ -106,6 +107,7 @@ def delta_m(metrics: Mapping, baselines: Mapping, higher_is_better: Optional[Map
     ``{task: {metric: value}}`` (or flat ``{"task/metric": value}``). The metrics used are
     ``keys`` ("task/metric" names), else every metric present in the baselines.
     ``higher_is_better`` (flat "task/metric" -> bool) defaults to :data:`HIGHER_IS_BETTER`.
+    A NaN / Inf / non-numeric metric or baseline is a ``ValueError`` naming it.
     """
     m, b = _flatten(metrics), _flatten(baselines)
     hib = dict(HIGHER_IS_BETTER)
@@ -123,10 +125,10 @@ def delta_m(metrics: Mapping, baselines: Mapping, higher_is_better: Optional[Map
             raise KeyError(f"delta_m: no baseline for {k!r} (have {sorted(b)})")
         if k not in hib:
             raise KeyError(f"delta_m: direction of {k!r} unknown; pass higher_is_better={{{k!r}: True/False}}")
-        base = float(b[k])
-        if base == 0 or not math.isfinite(base):
+        base = finite_number("delta_m", f"baseline {k}", b[k])
+        if base == 0:
             raise ValueError(f"delta_m: baseline {k} = {base} cannot be a reference (must be finite and non-zero)")
-        rel = (float(m[k]) - base) / base
+        rel = (finite_number("delta_m", f"metric {k}", m[k]) - base) / base
         total += rel if hib[k] else -rel
     return 100.0 * total / len(keys)
 

@@ -3,11 +3,19 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ._checks import check_finite, check_values_in
 
-def binary_maps(meter: str, pred: Tensor, target: Tensor, from_logits: bool) -> tuple[Tensor, Tensor]:
+
+def binary_maps(meter: str, pred: Tensor, target: Tensor, from_logits: bool,
+                ignore_value: float) -> tuple[Tensor, Tensor, Tensor]:
     """Check ``(B, 1, H, W)`` (or ``(B, H, W)``) prediction / target pairs; returns the
-    probabilities (one sigmoid when ``from_logits``, never on top of probabilities) and the target,
-    both ``(B, 1, H, W)``."""
+    probabilities (one sigmoid when ``from_logits``, never on top of probabilities), the target,
+    and the mask of valid (non-ignored) pixels, all ``(B, 1, H, W)``.
+
+    ``target`` must hold 0, 1 or ``ignore_value`` (the loaders' float {0, 1} maps with 255 =
+    ignore); soft targets or NaN are errors. ``pred`` must be finite on valid pixels, and within
+    [0, 1] when it holds probabilities."""
+    where = f"{meter}.update"
     if pred.dim() == 3:
         pred = pred.unsqueeze(1)
     if target.dim() == 3:
@@ -15,5 +23,15 @@ def binary_maps(meter: str, pred: Tensor, target: Tensor, from_logits: bool) -> 
     if pred.shape != target.shape or pred.shape[1] != 1:
         raise ValueError(f"{meter}: prediction {tuple(pred.shape)} and target {tuple(target.shape)} "
                          f"must both be (B, 1, H, W)")
-    prob = pred.float().sigmoid() if from_logits else pred.float()
-    return prob, target
+    ignore = float(ignore_value)
+    check_values_in(where, "target", target, (0, 1, ignore), f"0 or 1 (or {ignore:g} = ignore)")
+    valid = target != ignore
+    check_finite(where, "pred", pred, valid)
+    if from_logits:
+        return pred.float().sigmoid(), target, valid
+    prob = pred.float()
+    out = ((prob < 0) | (prob > 1)) & valid
+    if out.any():
+        raise ValueError(f"{where}: `pred` holds values outside [0, 1] (e.g. {float(prob[out][0]):g}) but "
+                         f"from_logits=False expects probabilities; pass logits with from_logits=True")
+    return prob, target, valid

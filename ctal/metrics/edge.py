@@ -91,6 +91,12 @@ class EdgeMeter:
             code) or an explicit increasing list.
         thin: thin binarized predictions before matching (the benchmark does).
         from_logits: predictions are logits (default) or probabilities.
+        ignore_value: target value of ignored pixels (targets are 0 / 1 otherwise).
+
+    Errors (``ValueError``): a target value other than 0, 1 or ``ignore_value`` (soft targets,
+    NaN, 0..255 masks), a non-finite prediction on a valid pixel, probabilities outside [0, 1]
+    with ``from_logits=False``; ``compute()`` with no valid pixel seen, or with no edge pixel in
+    the whole set.
     """
 
     higher_is_better = {"odsF": True, "oisF": True, "AP": True}
@@ -104,8 +110,8 @@ class EdgeMeter:
                 raise ValueError(f"thresholds must be >= 1, got {thresholds}")
             thresholds = np.linspace(1.0 / (thresholds + 1), 1 - 1.0 / (thresholds + 1), thresholds)
         self.thresholds = np.asarray(thresholds, float)
-        if self.thresholds.ndim != 1 or (np.diff(self.thresholds) <= 0).any():
-            raise ValueError("thresholds must be an int or an increasing 1-D list")
+        if self.thresholds.ndim != 1 or self.thresholds.size == 0 or (np.diff(self.thresholds) <= 0).any():
+            raise ValueError(f"thresholds must be an int or a non-empty increasing 1-D list, got {thresholds!r}")
         self.max_dist = float(max_dist)
         self.thin = thin
         self.from_logits = from_logits
@@ -118,6 +124,7 @@ class EdgeMeter:
 
     def reset(self) -> None:
         self.per_image = []  # (count_r, sum_r, count_p, sum_p), each [K]
+        self.n_valid = 0     # non-ignored target pixels seen
 
     def _one(self, prob: np.ndarray, gt: np.ndarray):
         K = len(self.thresholds)
@@ -137,19 +144,26 @@ class EdgeMeter:
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
-        prob, target = binary_maps("EdgeMeter", pred, target, self.from_logits)
+        prob, target, valid = binary_maps("EdgeMeter", pred, target, self.from_logits, self.ignore_value)
         prob = prob[:, 0].cpu().double().numpy()
         tgt = target[:, 0].cpu().numpy()
+        valid = valid[:, 0].cpu().numpy()
+        self.n_valid += int(valid.sum())
         for i in range(prob.shape[0]):
-            ignore = tgt[i] == self.ignore_value
-            gt = (tgt[i] == 1) & ~ignore
-            p = np.where(ignore, 0.0, prob[i])
+            gt = (tgt[i] == 1) & valid[i]
+            p = np.where(valid[i], prob[i], 0.0)
             self.per_image.append(self._one(p, gt))
 
     def compute(self) -> dict:
         if not self.per_image:
             raise ValueError("EdgeMeter.compute(): no images were seen")
+        if self.n_valid == 0:
+            raise ValueError("EdgeMeter.compute(): no valid (non-ignored) target pixels were seen")
         arr = np.array(self.per_image)  # [I, 4, K]
+        if arr[:, 1, 0].sum() == 0:
+            raise ValueError(f"EdgeMeter.compute(): no edge pixel (target == 1) in the whole set, so recall "
+                             f"and odsF are undefined; targets must be 0 / 1 with {self.ignore_value:g} = ignore "
+                             f"(a {{0, 255}} mask reads as all background / ignored)")
         cr, sr, cp, sp = arr.sum(0)
         rec, prec = _rec_prec(cr, sr, cp, sp)
         # ODS: best F over thresholds, interpolating linearly between neighbouring thresholds

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import check_finite
+
 
 def _check(pred: Tensor, target: Tensor, channels: int, name: str):
     if pred.dim() == 3:
@@ -24,6 +26,7 @@ class DepthMeter:
 
     ``abs_err = sum|p - t| / n``, ``rel_err = sum(|p - t| / t) / n``, ``rmse = sqrt(sum (p - t)^2 / n)``
     with ``n`` the number of valid pixels in the *whole set* (not a mean of per-image values).
+    A non-finite prediction on a valid pixel is a ``ValueError``.
     """
 
     higher_is_better = {"abs_err": False, "rel_err": False, "rmse": False}
@@ -41,8 +44,7 @@ class DepthMeter:
     def update(self, pred: Tensor, target: Tensor) -> None:
         pred, target = _check(pred, target, 1, "DepthMeter")
         valid = (target != 0) & torch.isfinite(target)
-        if not torch.isfinite(pred[valid]).all():
-            raise ValueError("DepthMeter: non-finite predictions on valid pixels")
+        check_finite("DepthMeter.update", "pred", pred, valid)
         diff = (pred - target)[valid]
         self.n += int(valid.sum())
         self.sum_abs += float(diff.abs().sum())
@@ -63,6 +65,10 @@ class NormalsMeter:
     comes from a histogram with ``resolution`` degree bins (default 0.001 degrees), so the set's
     angles need not be kept in memory (NYUv2 val has ~72 M valid pixels); it is exact to within
     half a bin.
+
+    Valid pixels have a finite, non-zero target (targets are normalized); predictions are
+    normalized too (an all-zero prediction is 90 degrees from anything). A non-finite prediction
+    on a valid pixel is a ``ValueError``.
     """
 
     higher_is_better = {"mean": False, "median": False, "rmse": False, "11.25": True, "22.5": True, "30": True}
@@ -84,6 +90,7 @@ class NormalsMeter:
     def update(self, pred: Tensor, target: Tensor) -> None:
         pred, target = _check(pred, target, 3, "NormalsMeter")
         valid = (target.abs().sum(1) > 0) & torch.isfinite(target).all(1)
+        check_finite("NormalsMeter.update", "pred", pred, valid.unsqueeze(1))
         n = F.normalize(pred, dim=1)
         t = F.normalize(target, dim=1)
         cos = (n * t).sum(1).clamp(-1.0, 1.0)

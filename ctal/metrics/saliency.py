@@ -20,6 +20,12 @@ class SaliencyMeter:
     ``update(pred, target)``: ``pred`` is the 1-channel *logit* ``(B, 1, H, W)`` (a sigmoid gives
     the probability; pass ``from_logits=False`` for probabilities). Only one sigmoid is ever
     applied. ``target`` is ``(B, 1, H, W)`` in {0, 1} with ``SAL_IGNORE`` = ignore.
+
+    Errors (``ValueError``): a target value other than 0, 1 or the ignore value (soft targets, NaN,
+    0..255 masks), a non-finite prediction on a valid pixel, probabilities outside [0, 1] with
+    ``from_logits=False``; ``compute()`` with no valid pixel seen, or with no salient (1) pixel in
+    the whole set. Images whose pixels are all ignored (and empty batches) are skipped: they have
+    no precision, recall or IoU.
     """
 
     higher_is_better = {"maxF": True, "max_mIoU": True}
@@ -36,14 +42,20 @@ class SaliencyMeter:
 
     def reset(self) -> None:
         self.prec, self.rec, self.iou = [], [], []
+        self.n_salient = 0
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
-        prob, target = binary_maps("SaliencyMeter", pred, target, self.from_logits)
+        prob, target, valid = binary_maps("SaliencyMeter", pred, target, self.from_logits, self.ignore_value)
         prob = prob.flatten(1).cpu()
         target = target.flatten(1).cpu()
-        valid = target != self.ignore_value
+        valid = valid.flatten(1).cpu()
+        keep = valid.any(1)             # an image without valid pixels has no P / R / IoU: skipped
+        if not keep.any():
+            return
+        prob, target, valid = prob[keep], target[keep], valid[keep]
         gt = (target == 1) & valid
+        self.n_salient += int(gt.sum())
         th = torch.as_tensor(self.thresholds, dtype=torch.float32).view(-1, 1, 1)   # [K, 1, 1]
         fg = (prob.unsqueeze(0) > th) & valid.unsqueeze(0)                          # [K, B, P]
         tp = (fg & gt).sum(-1).double()
@@ -56,7 +68,11 @@ class SaliencyMeter:
 
     def compute(self) -> dict:
         if not self.prec:
-            raise ValueError("SaliencyMeter.compute(): no images were seen")
+            raise ValueError("SaliencyMeter.compute(): no valid (non-ignored) target pixels were seen")
+        if self.n_salient == 0:
+            raise ValueError(f"SaliencyMeter.compute(): no salient target pixel (target == 1) in the whole set, "
+                             f"so recall and maxF are undefined; targets must be 0 / 1 with "
+                             f"{self.ignore_value:g} = ignore (a {{0, 255}} mask reads as all background / ignored)")
         p = np.concatenate(self.prec).mean(0)
         r = np.concatenate(self.rec).mean(0)
         iou = np.concatenate(self.iou).mean(0)

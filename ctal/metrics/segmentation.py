@@ -5,13 +5,15 @@ import torch
 from torch import Tensor
 
 from ..tasks import IGNORE_INDEX
+from ._checks import check_finite, check_integer_valued
 
 
 class SegMeter:
     """Accumulates a ``num_classes x num_classes`` confusion matrix (rows = truth, cols = prediction).
 
     ``update(pred, target)``: ``pred`` is logits ``(B, C, H, W)`` (argmax over C) or class ids
-    ``(B, H, W)``; ``target`` is ``(B, H, W)`` with ``ignore_index`` for void.
+    ``(B, H, W)``; ``target`` is ``(B, H, W)`` with ``ignore_index`` for void. Float targets must
+    be integer-valued (never truncated) and logits finite on non-void pixels, else ``ValueError``.
 
     ``compute()`` returns (in percent): ``mIoU`` = mean over classes that occur in the truth or the
     prediction of ``TP / (TP + FP + FN)`` (a class absent from both has no defined IoU and is
@@ -35,10 +37,18 @@ class SegMeter:
     def update(self, pred: Tensor, target: Tensor) -> None:
         if target.dim() == 4 and target.shape[1] == 1:
             target = target[:, 0]
+        check_integer_valued("SegMeter.update", "target", target,
+                             f"integer class ids in [0, {self.num_classes}) or ignore_index {self.ignore_index}")
         if pred.dim() == 4:
             if pred.shape[1] != self.num_classes:
                 raise ValueError(f"SegMeter: prediction has {pred.shape[1]} channels, expected {self.num_classes}")
+            if pred.shape[:1] + pred.shape[2:] != target.shape:
+                raise ValueError(f"SegMeter: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+            if pred.is_floating_point():
+                check_finite("SegMeter.update", "pred", pred, (target != self.ignore_index).unsqueeze(1), "logits")
             pred = pred.argmax(1)
+        else:
+            check_integer_valued("SegMeter.update", "pred", pred, f"integer class ids in [0, {self.num_classes})")
         if pred.shape != target.shape:
             raise ValueError(f"SegMeter: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
         pred = pred.reshape(-1).long().cpu()
