@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from ctal.data import DataFileError, build_dataset
-from ctal.data.transforms import IMAGENET_MEAN, IMAGENET_STD, HorizontalFlip, RandomScaleCrop, RandomScaleRotate
+from ctal.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, HorizontalFlip, RandomScaleCrop, RandomScaleRotate,
+                                  Resize)
 from ctal.tasks import IGNORE_INDEX
 
 H, W = 6, 8
@@ -287,21 +288,23 @@ def test_pascal_context_bad_files(tmp_path):
 
 
 # ----------------------------------------------------------------------------- NYUD-MT
-def write_nyud(root, ids=("0001", "0002")):
+def write_nyud(root, ids=("0001", "0002"), sizes=None):
+    """``sizes``: optional {id: (h, w)} for images (and their labels) of another size than (H, W)."""
     for d in ("images", "segmentation", "depth", "normals", "edge", "gt_sets"):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "gt_sets" / "train.txt").write_text("\n".join(ids))
     for i in ids:
-        Image.fromarray(np.full((H, W, 3), 100, np.uint8)).save(root / "images" / f"{i}.jpg")
-        seg = np.full((H, W), 40, np.uint8)
+        h, w = (sizes or {}).get(i, (H, W))
+        Image.fromarray(np.full((h, w, 3), 100, np.uint8)).save(root / "images" / f"{i}.jpg")
+        seg = np.full((h, w), 40, np.uint8)
         seg[0, 0] = 0
         seg[1, 1] = 1
         Image.fromarray(seg).save(root / "segmentation" / f"{i}.png")
-        np.save(root / "depth" / f"{i}.npy", np.full((H, W), 2.5, np.float32))
-        nrm = np.zeros((H, W, 3), np.float32)
+        np.save(root / "depth" / f"{i}.npy", np.full((h, w), 2.5, np.float32))
+        nrm = np.zeros((h, w, 3), np.float32)
         nrm[..., 2] = -1
         np.save(root / "normals" / f"{i}.npy", nrm)
-        edge = np.zeros((H, W), np.float32)
+        edge = np.zeros((h, w), np.float32)
         edge[3] = 1
         np.save(root / "edge" / f"{i}.npy", edge)
     return root
@@ -344,3 +347,108 @@ def test_original_targets_skip_resize(tmp_path):
     H, W = sample["meta"]["size"]
     assert original["semseg"].shape == (H, W) and (H, W) != (16, 16)
     assert original["normals"].shape == (3, H, W)
+
+
+# ----------------------------------------------------------------------------- bad values / sizes / arguments
+def test_npy_float_image_range_checked(nyu):
+    """Float images must be in [0, 1] (uint8 0..255 is scaled): floats stored as 0..255 or already
+    normalized images are an error naming the file, not images with values up to ~1100."""
+    img = np.load(nyu / "train" / "image" / "1.npy")
+    np.save(nyu / "train" / "image" / "1.npy", img * 255.0)
+    ds = build_dataset("nyuv2", nyu, "train")               # sample 0 is fine
+    with pytest.raises(DataFileError, match=r"image[/\\]1\.npy: float image values span .*expected \[0, 1\].*255"):
+        ds[1]
+    np.save(nyu / "train" / "image" / "0.npy", img * 255.0)  # the first image is checked at construction
+    with pytest.raises(DataFileError, match=r"image[/\\]0\.npy.*expected \[0, 1\]"):
+        build_dataset("nyuv2", nyu, "train", check_files=False)
+    np.save(nyu / "train" / "image" / "0.npy", (img - 0.45) / 0.22)
+    with pytest.raises(DataFileError, match=r"image[/\\]0\.npy.*expected \[0, 1\].*normalized"):
+        build_dataset("nyuv2", nyu, "train")
+    np.save(nyu / "train" / "image" / "0.npy", (img * 255).astype(np.int64))
+    with pytest.raises(DataFileError, match=r"image[/\\]0\.npy: image dtype int64"):
+        build_dataset("nyuv2", nyu, "train")
+    # uint8 0..255 is accepted and scaled; float16 in [0, 1] too
+    np.save(nyu / "train" / "image" / "0.npy", np.round(img * 255).astype(np.uint8))
+    np.save(nyu / "train" / "image" / "1.npy", img.astype(np.float16))
+    ds = build_dataset("nyuv2", nyu, "train", normalize=False)
+    torch.testing.assert_close(ds[0]["image"], torch.from_numpy(np.round(img * 255).transpose(2, 0, 1) / 255).float())
+    assert 0 <= ds[1]["image"].min() and ds[1]["image"].max() <= 1
+
+
+def test_cityscapes_float_image_range_checked(tmp_path):
+    base = write_npy_split(tmp_path, "train", label_dir="label_19", normals=False)
+    np.save(base / "image" / "2.npy", np.load(base / "image" / "2.npy") * 255.0)
+    ds = build_dataset("cityscapes", tmp_path, "train")
+    with pytest.raises(DataFileError, match=r"image[/\\]2\.npy.*expected \[0, 1\]"):
+        ds[2]
+
+
+def test_nyud_mt_mixed_image_sizes(tmp_path):
+    root = write_nyud(tmp_path, sizes={"0002": (H + 2, W)})
+    msg = rf"images[/\\]0002\.jpg: image is {H + 2}x{W}, expected {H}x{W} like .*0001\.jpg.*resize=\(H, W\)"
+    with pytest.raises(DataFileError, match=msg):
+        build_dataset("nyud_mt", root, "train")
+    ds = build_dataset("nyud_mt", root, "train", check_files=False)   # found when loaded
+    assert ds.size == (H, W) and ds[0]["image"].shape == (3, H, W)
+    with pytest.raises(DataFileError, match=msg):
+        ds[1]
+    ds = build_dataset("nyud_mt", root, "train", resize=(H, W))         # resizing makes them batchable
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
+    assert batch["image"].shape == (2, 3, H, W) and batch["meta"]["size"][0].tolist() == [H, H + 2]
+
+
+def test_pascal_mixed_image_sizes_need_resize(tmp_path):
+    root = write_pascal(tmp_path)
+    Image.fromarray(np.zeros((PH + 3, PW, 3), np.uint8)).save(root / "JPEGImages" / "2008_000002.jpg")
+    with pytest.raises(DataFileError, match=rf"2008_000002\.jpg: image is {PH + 3}x{PW}, expected {PH}x{PW}"):
+        build_dataset("pascal_context", root, "train", tasks=["sal"], resize=None)
+    ds = build_dataset("pascal_context", root, "train", tasks=["semseg"], resize=None, check_files=False)
+    assert ds.size == (PH, PW)                           # the first image's header, not a default
+
+
+def test_npy_mixed_image_sizes(nyu):
+    for d, shape in (("image", (H, W + 1, 3)), ("label", (H, W + 1)), ("depth", (H, W + 1, 1)),
+                     ("normal", (H, W + 1, 3))):
+        np.save(nyu / "train" / d / "2.npy", np.full(shape, 0.5 if d != "label" else 1.0))
+    msg = rf"image[/\\]2\.npy: image is {H}x{W + 1}, expected {H}x{W} like .*0\.npy.*resize=\(H, W\)"
+    with pytest.raises(DataFileError, match=msg):
+        build_dataset("nyuv2", nyu, "train")
+    ds = build_dataset("nyuv2", nyu, "train", check_files=False)       # found when loaded
+    with pytest.raises(DataFileError, match=msg):
+        ds[2]
+    for check in (True, False):                                        # resize makes them uniform
+        ds = build_dataset("nyuv2", nyu, "train", check_files=check, resize=(H, W))
+        assert ds[2]["image"].shape == (3, H, W) and ds[2]["meta"]["size"] == (H, W + 1)
+    np.save(nyu / "train" / "depth" / "2.npy", np.ones((H, W, 1)))    # targets must match their own image
+    with pytest.raises(DataFileError, match=r"depth[/\\]2\.npy: depth shape .*to match .*image[/\\]2\.npy"):
+        build_dataset("nyuv2", nyu, "train", resize=(H, W))
+
+
+@pytest.mark.parametrize("name", ["nyuv2", "pascal_context", "nyud_mt"])
+def test_resize_must_be_a_pair(tmp_path, name):
+    root = {"nyuv2": lambda: (write_npy_split(tmp_path, "train"), tmp_path)[1], "pascal_context": lambda: write_pascal(tmp_path),
+            "nyud_mt": lambda: write_nyud(tmp_path)}[name]()
+    with pytest.raises(ValueError, match=r"resize must be an \(H, W\) pair.*single int 32.*resize=\(32, 32\)"):
+        build_dataset(name, root, "train", resize=32)
+    for bad in ((0, 4), (4.5, 4), "44", (4, 4, 4), (True, 4)):
+        with pytest.raises(ValueError, match=r"resize must be an \(H, W\) pair of positive integers"):
+            build_dataset(name, root, "train", resize=bad)
+    for ok in ([4, 5], (np.int64(4), 5), np.array([4, 5]), torch.Size([4, 5])):
+        ds = build_dataset(name, root, "train", resize=ok)
+        assert ds.size == (4, 5) and ds[0]["image"].shape == (3, 4, 5)
+
+
+def test_transform_size_and_factor_arguments():
+    with pytest.raises(ValueError, match=r"size must be an \(H, W\) pair.*size=\(32, 32\)"):
+        Resize(32)
+    with pytest.raises(ValueError, match=r"size must be an \(H, W\) pair"):
+        Resize((32, -1))
+    assert Resize([4, 6])({"image": torch.zeros(3, 8, 8)})["image"].shape == (3, 4, 6)
+    with pytest.raises(ValueError, match="scales must be a non-empty list of factors >= 1"):
+        RandomScaleCrop(scales=1.5)
+    with pytest.raises(ValueError, match=r"scales must be a \(low, high\) tuple"):
+        RandomScaleRotate(scales=1.2)
+    with pytest.raises(ValueError, match=r"rots must be a \(low, high\) tuple"):
+        RandomScaleRotate(rots=(20.0, -20.0))
+    with pytest.raises(ValueError, match=r"scales must be .*positive"):
+        RandomScaleRotate(scales=[0.0, 1.0])

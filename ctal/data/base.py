@@ -10,9 +10,12 @@ import torch
 from torch.utils.data import Dataset
 
 from ..tasks import TASKS
-from .transforms import Normalize, Resize, build_augmentation
+from .transforms import Normalize, Resize, as_size, build_augmentation
 
-__all__ = ["MultiTaskDataset", "DataFileError", "read_npy", "read_image", "select_tasks"]
+__all__ = ["MultiTaskDataset", "DataFileError", "read_npy", "read_image", "select_tasks", "image_to_float"]
+
+# slack on the [0, 1] range of float images (float16 storage, interpolation overshoot in preprocessing)
+IMAGE_RANGE_TOL = 1e-2
 
 
 class DataFileError(ValueError):
@@ -74,6 +77,34 @@ def image_size(path: Path) -> tuple[int, int]:
         raise DataFileError(f"corrupt or unreadable image {path}: {e}") from e
 
 
+def image_to_float(img: np.ndarray, path) -> np.ndarray:
+    """An image array as float32 in [0, 1]: uint8 (0..255) is divided by 255, a float array must
+    already be in [0, 1] (up to ``IMAGE_RANGE_TOL``). Anything else (floats 0..255, images already
+    mean/std-normalized, other integer types, NaN/Inf) raises :class:`DataFileError` naming ``path``.
+    Costs one min and one max over the pixels."""
+    if img.dtype == np.uint8:
+        return img.astype(np.float32) / 255.0
+    if img.dtype.kind != "f":
+        raise DataFileError(f"{path}: image dtype {img.dtype}, expected float in [0, 1] or uint8 0..255")
+    out = img.astype(np.float32)
+    lo, hi = float(out.min()), float(out.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise DataFileError(f"{path}: image has non-finite values")
+    if lo < -IMAGE_RANGE_TOL or hi > 1 + IMAGE_RANGE_TOL:
+        hint = ("; it looks like 0..255: divide by 255 or store uint8" if hi > 2 and lo >= -IMAGE_RANGE_TOL
+                else "; store the raw image, not a normalized one" if lo < -IMAGE_RANGE_TOL else "")
+        raise DataFileError(f"{path}: float image values span [{lo:.4g}, {hi:.4g}], expected [0, 1] "
+                            f"(or uint8 0..255){hint}")
+    return out
+
+
+def size_mismatch_error(name: str, path, got: Sequence[int], expected: Sequence[int], first) -> DataFileError:
+    """The error for an image whose size differs from the dataset's when ``resize=None``."""
+    return DataFileError(f"{path}: image is {got[0]}x{got[1]}, expected {expected[0]}x{expected[1]} like {first}; "
+                         f"with resize=None every {name} image must have the same size (the dataset's size); "
+                         f"pass resize=(H, W) to resize every sample")
+
+
 def select_tasks(tasks: Optional[Iterable[str]], available: Sequence[str], default: Sequence[str],
                  dataset: str) -> tuple[str, ...]:
     if tasks is None:
@@ -95,7 +126,11 @@ def select_tasks(tasks: Optional[Iterable[str]], available: Sequence[str], defau
 class MultiTaskDataset(Dataset):
     """Base class: subclasses implement ``__len__`` and ``_load(index) -> raw sample`` (tensors in
     the ``ctal/tasks.py`` layout, image in [0, 1], no "meta"); this class adds augmentation (only
-    when ``split == "train"``), resizing to ``size`` and ImageNet normalization."""
+    when ``split == "train"``), resizing to ``size`` and ImageNet normalization.
+
+    ``resize``: ``None`` (every sample must then have the dataset's ``size``, else
+    :class:`DataFileError` naming the image) or an ``(H, W)`` pair of positive ints (a single int
+    is a ``ValueError``)."""
 
     name = "dataset"
     default_augmentation = "scale_crop"
@@ -108,7 +143,9 @@ class MultiTaskDataset(Dataset):
         self.split = split
         self.tasks = tuple(tasks)
         self.num_classes = {t: int(n) for t, n in num_classes.items() if t in self.tasks}
-        self.size = (int(resize[0]), int(resize[1])) if resize is not None else tuple(size)
+        if resize is not None:
+            resize = as_size(resize, "resize")
+        self.size = resize if resize is not None else (int(size[0]), int(size[1]))
         self.augment = (build_augmentation(augment, self.default_augmentation, self.inverse_depth)
                         if split == "train" else None)
         self._resize = Resize(resize) if resize is not None else None
@@ -120,12 +157,18 @@ class MultiTaskDataset(Dataset):
     def _name(self, index: int) -> str:
         return str(index)
 
+    def _image_file(self, index: int):
+        """The image file of sample ``index`` (named in errors)."""
+        return f"{self.name} {self.split} sample {index}"
+
     def __getitem__(self, index: int) -> dict:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {self.name} {self.split} ({len(self)} samples)")
         index = index % len(self)
         sample = self._load(index)
         orig = tuple(sample["image"].shape[-2:])
+        if self._resize is None and orig != self.size:
+            raise size_mismatch_error(self.name, self._image_file(index), orig, self.size, self._image_file(0))
         if self._resize is not None:
             sample = self._resize(sample)
         if self.augment is not None:

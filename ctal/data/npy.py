@@ -2,7 +2,8 @@
 
 Layout (one folder per split, files numbered ``0 .. n-1``)::
 
-    root/{train,val}/image/<i>.npy    (H, W, 3) float in [0, 1] (uint8 0..255 also accepted)
+    root/{train,val}/image/<i>.npy    (H, W, 3) float in [0, 1] (uint8 0..255 also accepted;
+                                      anything else, e.g. floats 0..255, is an error)
     root/{train,val}/label/<i>.npy    (H, W) class ids, -1 = void          (NYUv2: 13 classes)
     root/{train,val}/label_19/<i>.npy (H, W) class ids, -1 = void          (Cityscapes: 19 classes;
                                                                             label_7 for 7 classes)
@@ -12,8 +13,9 @@ Layout (one folder per split, files numbered ``0 .. n-1``)::
     root/{train,val}/sal/<i>.npy      (H, W) {0, 1}  (synthetic only)
 
 The dataset checks up front that every task folder holds exactly the indices of ``image/`` and
-that every file's header has the expected shape, so a broken download fails at construction with
-the offending file named rather than hours into training.
+that every file's header has the expected shape (and that the first image's values are in range),
+so a broken download fails at construction with the offending file named rather than hours into
+training. Every loaded image is range-checked too (one min/max).
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ import numpy as np
 import torch
 
 from ..tasks import EDGE_IGNORE, SAL_IGNORE
-from .base import DataFileError, MultiTaskDataset, npy_shape, read_npy, select_tasks, to_label_tensor
+from .base import (DataFileError, MultiTaskDataset, image_to_float, npy_shape, read_npy, select_tasks,
+                   size_mismatch_error, to_label_tensor)
+from .transforms import as_size
 
 __all__ = ["NpyMultiTaskDataset", "NYUv2", "Cityscapes", "SyntheticScenes"]
 
@@ -43,7 +47,8 @@ class NpyMultiTaskDataset(MultiTaskDataset):
         tasks: subset of the dataset's tasks (default: its paper setting).
         augment: ``None``/``False``, ``True``/``"default"``, a recipe name or a callable; used only
             when ``split == "train"``.
-        resize: optional ``(H, W)`` to resize every sample to.
+        resize: optional ``(H, W)`` pair to resize every sample to (a single int is an error);
+            with ``None`` all images must have the same size.
         check_files: verify every file's header up front (default True; ~1 ms per file).
     """
 
@@ -60,6 +65,8 @@ class NpyMultiTaskDataset(MultiTaskDataset):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val' (or 'test'), got {split!r}")
         tasks = select_tasks(tasks, self.available, self.default_tasks, self.name)
+        if resize is not None:
+            resize = as_size(resize, "resize")
         root = Path(root)
         self.split_dir = root / split
         if not (self.split_dir / "image").is_dir():
@@ -68,7 +75,7 @@ class NpyMultiTaskDataset(MultiTaskDataset):
                 f"root/{{train,val}}/{{image,{','.join(self.folders[t] for t in tasks)}}}/<i>.npy "
                 f"(see docs/datasets.md)")
         self._n = self._count(tasks)
-        size = self._check_shapes(tasks, check_files)
+        size = self._check_shapes(tasks, check_files, uniform=resize is None)
         super().__init__(root, split, tasks, self.classes, size, augment=augment, resize=resize,
                          normalize=normalize)
 
@@ -104,7 +111,9 @@ class NpyMultiTaskDataset(MultiTaskDataset):
         return {"semseg": ((H, W), (H, W, 1)), "depth": ((H, W, 1), (H, W)), "normals": ((H, W, 3),),
                 "edge": ((H, W), (H, W, 1)), "sal": ((H, W), (H, W, 1))}[t]
 
-    def _check_shapes(self, tasks, check_all: bool) -> tuple[int, int]:
+    def _check_shapes(self, tasks, check_all: bool, uniform: bool) -> tuple[int, int]:
+        """Header shapes of every sample (``check_all``) or the first; ``uniform`` (``resize=None``):
+        every image must have the first one's size. Returns that size."""
         first = self.split_dir / "image" / "0.npy"
         shp = npy_shape(first)
         if len(shp) != 3 or shp[2] != 3:
@@ -113,16 +122,22 @@ class NpyMultiTaskDataset(MultiTaskDataset):
         if self.expected_size is not None and (H, W) != tuple(self.expected_size):
             raise DataFileError(f"{first}: {self.name} images are {self.expected_size[0]}x{self.expected_size[1]}, "
                                 f"got {H}x{W}")
+        image_to_float(read_npy(first), first)  # value range of the first image (a few ms)
         indices = range(self._n) if check_all else [0]
         for i in indices:
-            p = self.split_dir / "image" / f"{i}.npy"
-            if npy_shape(p) != (H, W, 3):
-                raise DataFileError(f"{p}: shape {npy_shape(p)}, expected {(H, W, 3)} like {first}")
+            img = self.split_dir / "image" / f"{i}.npy"
+            shp = npy_shape(img)
+            if len(shp) != 3 or shp[2] != 3:
+                raise DataFileError(f"{img}: image must be (H, W, 3), got shape {shp}")
+            h, w = shp[:2]
+            if uniform and (h, w) != (H, W):
+                raise size_mismatch_error(self.name, img, (h, w), (H, W), first)
             for t in tasks:
                 p = self.split_dir / self.folders[t] / f"{i}.npy"
                 s = npy_shape(p)
-                if s not in self._expected(t, H, W):
-                    raise DataFileError(f"{p}: {t} shape {s}, expected one of {self._expected(t, H, W)}")
+                if s not in self._expected(t, h, w):
+                    raise DataFileError(f"{p}: {t} shape {s}, expected one of {self._expected(t, h, w)} "
+                                        f"to match {img}")
         return H, W
 
     # ---------------------------------------------------------------- loading
@@ -131,6 +146,9 @@ class NpyMultiTaskDataset(MultiTaskDataset):
 
     def _file(self, folder: str, index: int) -> Path:
         return self.split_dir / folder / f"{index}.npy"
+
+    def _image_file(self, index: int) -> Path:
+        return self._file("image", index)
 
     def _read(self, folder: str, index: int, shapes) -> tuple[np.ndarray, Path]:
         p = self._file(folder, index)
@@ -145,9 +163,7 @@ class NpyMultiTaskDataset(MultiTaskDataset):
         if img.ndim != 3 or img.shape[2] != 3:
             raise DataFileError(f"{p}: image must be (H, W, 3), got {img.shape}")
         H, W = img.shape[:2]
-        img = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img.astype(np.float32)
-        if not np.isfinite(img).all():
-            raise DataFileError(f"{p}: image has non-finite values")
+        img = image_to_float(img, p)
         sample = {"image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))}
         for t in self.tasks:
             a, path = self._read(self.folders[t], index, self._expected(t, H, W))

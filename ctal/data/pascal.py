@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from ..tasks import IGNORE_INDEX
-from .base import (DataFileError, MultiTaskDataset, image_size, npy_shape, read_image, read_npy,
-                   select_tasks, to_label_tensor)
+from .base import (DataFileError, MultiTaskDataset, image_size, image_to_float, npy_shape, read_image, read_npy,
+                   select_tasks, size_mismatch_error, to_label_tensor)
+from .transforms import as_size
 
 __all__ = ["PascalContextMT", "NYUDMT", "HUMAN_PART_GROUPS", "label_boundaries"]
 
@@ -125,9 +126,12 @@ class PascalContextMT(MultiTaskDataset):
         tasks: subset of ``("semseg", "human_parts", "normals", "sal", "edge")`` (default all).
         augment: see :class:`~ctal.data.base.MultiTaskDataset` (default recipe: flip +
             scale (0.75-1.25) + rotation (+-20 degrees)), training split only.
-        resize: output size, default ``(512, 512)`` as in the benchmark; ``None`` keeps each
-            image's own size (then batches need size-1 or a custom collate).
-        check_files: verify every image header up front (default True).
+        resize: output size ``(H, W)``, default ``(512, 512)`` as in the benchmark (a single int
+            is a ``ValueError``). ``None`` keeps the images' own size, which must then be the same
+            for every image (PASCAL's vary: a different one raises :class:`DataFileError` naming
+            it, at construction or when loaded); score at each image's own resolution with
+            :meth:`original_targets` instead.
+        check_files: verify every image header up front (default True; else only the first).
     """
 
     name = "pascal_context"
@@ -141,6 +145,8 @@ class PascalContextMT(MultiTaskDataset):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         tasks = select_tasks(tasks, self.available, self.available, self.name)
+        if resize is not None:
+            resize = as_size(resize, "resize")
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"pascal_context: root {root} does not exist (see docs/datasets.md)")
@@ -150,11 +156,12 @@ class PascalContextMT(MultiTaskDataset):
         # resolve every file up front so a missing one is reported at construction
         self.files = [self._files(i) for i in self.ids]
         size = None
-        if check_files:
-            for f in self.files:
-                hw = image_size(f["image"])
-                size = size or hw
-        super().__init__(root, split, tasks, {"semseg": 21, "human_parts": 7}, size or (512, 512),
+        for f in self.files if check_files else self.files[:1]:
+            hw = image_size(f["image"])
+            size = size or hw
+            if resize is None and hw != size:
+                raise size_mismatch_error(self.name, f["image"], hw, size, self.files[0]["image"])
+        super().__init__(root, split, tasks, {"semseg": 21, "human_parts": 7}, size,
                          augment=augment, resize=resize, normalize=normalize)
 
     def _files(self, i: str) -> dict:
@@ -188,6 +195,9 @@ class PascalContextMT(MultiTaskDataset):
     def _name(self, index: int) -> str:
         return self.ids[index]
 
+    def _image_file(self, index: int) -> Path:
+        return self.files[index]["image"]
+
     def _human_parts(self, path: Path, shape) -> np.ndarray:
         mat = _loadmat(path)
         try:
@@ -219,7 +229,7 @@ class PascalContextMT(MultiTaskDataset):
 
     def _load(self, index: int) -> dict:
         f = self.files[index]
-        img = read_image(f["image"]).astype(np.float32) / 255.0
+        img = image_to_float(read_image(f["image"]), f["image"])
         H, W = img.shape[:2]
         sample = {"image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))}
 
@@ -262,7 +272,9 @@ class NYUDMT(MultiTaskDataset):
     """NYUD-MT (795 train / 654 val, 480x640; semseg 40, depth, normals, edges).
 
     Args as :class:`PascalContextMT`; default tasks ``("semseg", "depth", "normals", "edge")``,
-    default augmentation flip + zoom in {1, 1.2, 1.5}; ``resize`` default ``None`` (native 480x640).
+    default augmentation flip + zoom in {1, 1.2, 1.5}; ``resize`` default ``None`` (native 480x640):
+    then every image must have the first one's size, else :class:`DataFileError` naming the image
+    (at construction, or when loaded with ``check_files=False``); pass ``resize=(H, W)`` for mixed sizes.
     """
 
     name = "nyud_mt"
@@ -276,6 +288,8 @@ class NYUDMT(MultiTaskDataset):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         tasks = select_tasks(tasks, self.available, self.available, self.name)
+        if resize is not None:
+            resize = as_size(resize, "resize")
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"nyud_mt: root {root} does not exist (see docs/datasets.md)")
@@ -284,18 +298,19 @@ class NYUDMT(MultiTaskDataset):
         self.tasks = tasks
         self.files = [self._files(i) for i in self.ids]
         size = None
-        if check_files:
-            for f in self.files:
-                hw = image_size(f["image"])
-                size = size or hw
-                for t in ("depth", "edge", "normals"):
-                    if t in f and f[t].suffix == ".npy":
-                        s = npy_shape(f[t])
-                        ok = {"depth": (hw, hw + (1,)), "edge": (hw, hw + (1,)), "normals": (hw + (3,),)}[t]
-                        if s not in ok:
-                            raise DataFileError(f"{f[t]}: {t} shape {s}, expected one of {ok} "
-                                                f"to match {f['image']}")
-        super().__init__(root, split, tasks, {"semseg": 40}, size or (480, 640), augment=augment,
+        for f in self.files if check_files else self.files[:1]:
+            hw = image_size(f["image"])
+            size = size or hw
+            if resize is None and hw != size:
+                raise size_mismatch_error(self.name, f["image"], hw, size, self.files[0]["image"])
+            for t in ("depth", "edge", "normals"):
+                if t in f and f[t].suffix == ".npy":
+                    s = npy_shape(f[t])
+                    ok = {"depth": (hw, hw + (1,)), "edge": (hw, hw + (1,)), "normals": (hw + (3,),)}[t]
+                    if s not in ok:
+                        raise DataFileError(f"{f[t]}: {t} shape {s}, expected one of {ok} "
+                                            f"to match {f['image']}")
+        super().__init__(root, split, tasks, {"semseg": 40}, size, augment=augment,
                          resize=resize, normalize=normalize)
 
     def _files(self, i: str) -> dict:
@@ -324,9 +339,12 @@ class NYUDMT(MultiTaskDataset):
     def _name(self, index: int) -> str:
         return self.ids[index]
 
+    def _image_file(self, index: int) -> Path:
+        return self.files[index]["image"]
+
     def _load(self, index: int) -> dict:
         f = self.files[index]
-        img = read_image(f["image"]).astype(np.float32) / 255.0
+        img = image_to_float(read_image(f["image"]), f["image"])
         H, W = img.shape[:2]
         sample = {"image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))}
         for t in self.tasks:

@@ -20,8 +20,10 @@ Geometry rules (why each task is treated differently):
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,7 +39,42 @@ FILL = {"image": 0.0, "semseg": float(IGNORE_INDEX), "human_parts": float(IGNORE
 _SPATIAL = tuple(FILL)
 
 __all__ = ["Compose", "HorizontalFlip", "RandomScaleCrop", "RandomScaleRotate", "Resize", "Normalize",
-           "build_augmentation", "IMAGENET_MEAN", "IMAGENET_STD", "FILL"]
+           "build_augmentation", "as_size", "IMAGENET_MEAN", "IMAGENET_STD", "FILL"]
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def as_size(value, name: str = "size") -> tuple[int, int]:
+    """Check a size argument: an ``(H, W)`` pair (tuple, list, ``torch.Size``, 1-D array) of positive
+    integers; returns it as a tuple of ints.
+
+    A single int is refused rather than guessed (square? shorter side, as in torchvision?):
+    the ``ValueError`` names the argument and suggests ``(n, n)``."""
+    if _is_int(value):
+        raise ValueError(f"{name} must be an (H, W) pair of positive integers, got the single int {value!r}; "
+                         f"for a square size pass {name}=({value}, {value})")
+    if (isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)) or len(value) != 2
+            or not all(_is_int(v) and v > 0 for v in value)):
+        raise ValueError(f"{name} must be an (H, W) pair of positive integers, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _check_factors(name: str, spec, positive: bool = True) -> None:
+    """``spec`` must be a ``(low, high)`` tuple (uniform draw) or a non-empty list of choices."""
+    def num(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+
+    if isinstance(spec, list):
+        ok = len(spec) > 0 and all(num(v) for v in spec)
+    elif isinstance(spec, tuple):
+        ok = len(spec) == 2 and all(num(v) for v in spec) and spec[0] <= spec[1]
+    else:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a (low, high) tuple of {'positive ' if positive else ''}numbers with "
+                         f"low <= high, or a non-empty list of choices; got {spec!r}")
 
 
 def _as_chw(x: Tensor) -> tuple[Tensor, bool]:
@@ -119,7 +156,8 @@ class RandomScaleCrop:
     ``s`` (multiplied for inverse depth)."""
 
     def __init__(self, scales: Sequence[float] = (1.0, 1.2, 1.5), inverse_depth: bool = False):
-        if not scales or any(s < 1 for s in scales):
+        if (isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or not scales
+                or not all(isinstance(s, numbers.Real) and not isinstance(s, bool) and s >= 1 for s in scales)):
             raise ValueError(f"scales must be a non-empty list of factors >= 1, got {scales!r}")
         self.scales = tuple(float(s) for s in scales)
         self.inverse_depth = inverse_depth
@@ -162,6 +200,8 @@ class RandomScaleRotate:
 
     def __init__(self, rots: Union[tuple, list] = (-20.0, 20.0), scales: Union[tuple, list] = (0.75, 1.25),
                  inverse_depth: bool = False):
+        _check_factors("rots", rots, positive=False)
+        _check_factors("scales", scales)
         self.rots, self.scales, self.inverse_depth = rots, scales, inverse_depth
 
     @staticmethod
@@ -193,9 +233,7 @@ class Resize:
     Depth is *not* rescaled: resizing the whole frame changes resolution, not viewpoint."""
 
     def __init__(self, size: Sequence[int]):
-        if len(size) != 2 or min(size) <= 0:
-            raise ValueError(f"size must be (H, W) positive, got {size!r}")
-        self.size = (int(size[0]), int(size[1]))
+        self.size = as_size(size, "size")
 
     def __call__(self, sample: dict) -> dict:
         if tuple(sample["image"].shape[-2:]) == self.size:
