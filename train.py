@@ -26,19 +26,34 @@ def parse(argv=None):
                     "(default: the config's output_dir)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: config, else auto)")
     ap.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' = <output_dir>/last.pt if present")
+    ap.add_argument("--overwrite", action="store_true", help="start a fresh run even if the output dir "
+                    "holds checkpoints of an earlier run (they are replaced; without it such a run is refused)")
     ap.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the val split and exit")
     ap.add_argument("--checkpoint", default=None, help="weights for --eval-only (default: <output_dir>/best.pt)")
     ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke tests)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
-    return ap.parse_args(argv)
+    # intermixed: overrides may sit before, between or after the flags
+    return ap.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    cfg = cfglib.apply_overrides(cfglib.load(args.config), args.overrides)
-    from ctal.engine import Trainer
-    trainer = Trainer(cfg, output_dir=args.output_dir, device=args.device, progress=not args.no_progress)
+    if args.overwrite and (args.resume or args.eval_only):
+        raise cfglib.ConfigError("--overwrite starts a fresh run; it cannot be combined with "
+                                 f"{'--resume' if args.resume else '--eval-only'}")
+    cfg = cfglib.validate(cfglib.apply_overrides(cfglib.load(args.config), args.overrides))
+    out = cfglib.output_dir(cfg, args.output_dir)
+    from ctal.engine import Trainer, checkpoint
+    # A fresh run (no --resume, or --resume auto without a last.pt) would overwrite the checkpoints
+    # of an earlier run in the same directory: refuse before anything is generated or built.
+    fresh = not args.eval_only and (args.resume is None or (args.resume == "auto" and not (out / "last.pt").is_file()))
+    if fresh and not args.overwrite:
+        checkpoint.refuse_fresh_run(out)
+    if not args.eval_only and args.resume not in (None, "auto") and not Path(args.resume).is_file():
+        raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint")
+    trainer = Trainer(cfg, output_dir=args.output_dir, device=args.device, progress=not args.no_progress,
+                      eval_only=args.eval_only)
     try:
         if args.eval_only:
             ckpt = Path(args.checkpoint) if args.checkpoint else trainer.out / "best.pt"
@@ -50,17 +65,22 @@ def main(argv=None) -> dict:
                 from ctal.engine.trainer import format_summary
                 print(format_summary(metrics))
             return metrics
+        if args.overwrite and trainer.dist.is_main:
+            for p in checkpoint.existing(trainer.out):  # the new run's first epoch would replace them
+                print(f"--overwrite: removing {checkpoint.describe(p)} of an earlier run", file=sys.stderr)
+                p.unlink()
         if args.resume:
             path = trainer.out / "last.pt" if args.resume == "auto" else Path(args.resume)
-            if path.is_file():
+            if path.is_file():  # (an explicit path was checked above; auto without last.pt starts fresh)
                 trainer.resume(path)
                 print(f"resumed from {path} at epoch {trainer.start_epoch}", file=sys.stderr)
-            elif args.resume != "auto":
-                raise FileNotFoundError(f"--resume {path}: no such checkpoint")
         return trainer.fit(max_steps_per_epoch=args.max_steps_per_epoch)
     finally:
         trainer.close()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (cfglib.ConfigError, FileExistsError) as e:  # bad input: the message, not a traceback
+        sys.exit(f"train.py: error: {e}")

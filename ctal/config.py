@@ -3,13 +3,21 @@
 Override values are parsed as YAML scalars, so ``amp.enabled=false`` is the boolean False (never the
 string "False" that argparse's ``type=bool`` would turn into True) and ``lr=1e-4`` is a float.
 A config may name a ``base:`` file (relative to itself) whose values it overrides.
+
+:data:`SCHEMA` lists every section and key a run reads, with its type and range; :func:`validate`
+checks a whole config against it (unknown keys with close-match suggestions, wrong types, values
+out of range) before anything is built, naming the dotted key, the value and what was expected.
 """
 from __future__ import annotations
 
 import copy
+import difflib
+import math
+import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -87,3 +95,182 @@ def get(cfg: dict, dotted: str, default: Any = None) -> Any:
             return default
         node = node[p]
     return node
+
+
+# --- schema ------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A config that cannot describe a run (unknown key, wrong type, value out of range)."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config entry: ``kind`` is int, float (any number), bool, str, path (str or os.PathLike),
+    list, dict (a free-form mapping) or any; ``none``: null allowed; ``ge`` / ``gt``: inclusive /
+    exclusive lower bound of a number; ``choices``: allowed strings (case-insensitive)."""
+    kind: str
+    none: bool = False
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    choices: tuple = ()
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class Section:
+    """A mapping of known keys; ``open`` ones pass further keys on as keyword arguments
+    (``model``: to the model class, which rejects the ones it does not take)."""
+    keys: dict = field(default_factory=dict)
+    none: bool = False
+    required: bool = False
+    open: bool = False
+
+
+SCHEMA = Section({
+    "name": Key("str", none=True),
+    "device": Key("str"),
+    "seed": Key("int"),
+    "output_dir": Key("path", none=True),
+    "data": Section({
+        "dataset": Key("str", required=True),
+        "root": Key("path", required=True),
+        "generate": Section({
+            "num_train": Key("int", ge=1), "num_val": Key("int", ge=1), "size": Key("list"),
+            "seed": Key("int"), "workers": Key("int", none=True, ge=0),
+        }, none=True),
+        "tasks": Key("list", none=True),
+        "batch_size": Key("int", ge=1),
+        "eval_batch_size": Key("int", ge=1),
+        "num_workers": Key("int", ge=0),
+        "augment": Key("any", none=True),  # bool, a recipe name or null
+        "options": Key("dict", none=True),  # dataset keyword arguments (resize, num_classes, ...)
+    }, required=True),
+    "model": Section({
+        "name": Key("str", required=True),
+        "backbone": Key("str"),
+        "pretrained": Key("bool"),
+        "weights": Key("path", none=True),
+        "ctal_backend": Key("str"),
+        "gamma": Key("float"),
+        "dilated": Key("bool", none=True),
+        "alpha": Key("float"), "beta": Key("float"),
+        "stages": Key("list"), "nddr_stages": Key("list"),
+        "mixing_lr_mult": Key("float", gt=0),
+        "single_task_weights": Key("dict", none=True),
+    }, required=True, open=True),
+    "optim": Section({
+        "name": Key("str", required=True, choices=("adam", "adamw", "sgd")),
+        "lr": Key("float", required=True, gt=0),
+        "weight_decay": Key("float", ge=0),
+        "momentum": Key("float", ge=0),
+        "nesterov": Key("bool"),
+    }, required=True),
+    "schedule": Section({
+        "name": Key("str", required=True, choices=("cosine", "poly", "step", "none")),
+        "min_lr": Key("float", ge=0), "power": Key("float", gt=0),
+        "step_size": Key("int", ge=1), "gamma": Key("float", gt=0),
+    }, none=True),
+    "loss": Section({
+        "weighting": Key("str", choices=("fixed", "uncertainty", "dwa")),
+        "weights": Key("any", none=True),  # {task: weight}, a list, or null (all 1)
+        "normals": Key("str", choices=("cosine", "l1")),
+        "aux_weight": Key("float", ge=0),
+        "temperature": Key("float", gt=0),
+        "edge_pos_weight": Key("float", ge=0),
+    }, none=True),
+    "train": Section({
+        "epochs": Key("int", ge=1),
+        "amp": Key("str", none=True, choices=("bf16", "fp16")),
+        "grad_clip": Key("float", none=True, gt=0),
+        "eval_every": Key("int", ge=1),
+        "log_every": Key("int", ge=1),
+        "save_images": Key("int", ge=0),
+        "max_steps_per_epoch": Key("int", none=True, ge=1),
+        "find_unused_parameters": Key("bool"),
+    }),
+    "eval": Section({
+        "best_metric": Key("str"),  # delta_m or task/metric; checked against the tasks by the Trainer
+        "baselines": Key("path", none=True),
+        "edge_thresholds": Key("int", ge=1),
+        "original_resolution": Key("bool"),
+    }, none=True),
+})
+
+_KINDS = {
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "path": ("a path (string)", lambda v: isinstance(v, (str, os.PathLike))),
+    "list": ("a list", lambda v: isinstance(v, (list, tuple))),
+    "dict": ("a mapping", lambda v: isinstance(v, dict)),
+    "any": ("anything", lambda v: True),
+}
+
+
+def _expected(spec: Key) -> str:
+    if spec.choices:
+        what = "one of " + ", ".join(repr(c) for c in spec.choices)
+    else:
+        what = _KINDS[spec.kind][0]
+        if spec.ge is not None:
+            what += f" >= {spec.ge:g}"
+        if spec.gt is not None:
+            what += f" > {spec.gt:g}"
+    return what + (" or null" if spec.none else "")
+
+
+def _check_key(dotted: str, v: Any, spec: Key) -> Optional[str]:
+    if v is None:
+        return None if spec.none else f"{dotted} must be {_expected(spec)}, got null"
+    ok = _KINDS[spec.kind][1](v)
+    if ok and spec.choices:
+        ok = isinstance(v, str) and v.lower() in spec.choices
+    if ok and spec.kind in ("int", "float"):
+        ok = (spec.ge is None or v >= spec.ge) and (spec.gt is None or v > spec.gt)
+    return None if ok else f"{dotted} must be {_expected(spec)}, got {v!r}"
+
+
+def _check_section(prefix: str, node: Any, sec: Section, errors: list) -> None:
+    name = prefix or "the config"
+    if node is None:
+        if not sec.none:
+            errors.append(f"{name} must be a mapping (a section), got null")
+        return
+    if not isinstance(node, dict):
+        errors.append(f"{name} must be a mapping (a section with keys {sorted(sec.keys)}), "
+                      f"got {type(node).__name__} {node!r}")
+        return
+    for k, v in node.items():
+        dotted = f"{prefix}.{k}" if prefix else str(k)
+        spec = sec.keys.get(k)
+        if spec is None:
+            if not sec.open:
+                close = difflib.get_close_matches(str(k), list(sec.keys), n=3, cutoff=0.6)
+                hint = f"; did you mean {' or '.join(repr(prefix + '.' + c if prefix else c) for c in close)}?" \
+                    if close else ""
+                errors.append(f"unknown config key {dotted!r}{hint} (known in {name}: {sorted(sec.keys)})")
+        elif isinstance(spec, Section):
+            _check_section(dotted, v, spec, errors)
+        else:
+            err = _check_key(dotted, v, spec)
+            if err:
+                errors.append(err)
+    for k, spec in sec.keys.items():
+        if spec.required and k not in node:
+            errors.append(f"{prefix + '.' if prefix else ''}{k} is required but missing")
+
+
+def validate(cfg: Any) -> dict:
+    """Check a whole (merged, overridden) config against :data:`SCHEMA`; raise :class:`ConfigError`
+    listing every problem (dotted key, value, what was expected). Returns ``cfg`` unchanged."""
+    errors: list = []
+    _check_section("", cfg, SCHEMA, errors)
+    if errors:
+        raise ConfigError("invalid config: " + "; ".join(errors))
+    return cfg
+
+
+def output_dir(cfg: dict, override: Optional[str | Path] = None) -> Path:
+    """Where a run writes: ``override`` (``--output-dir``), else ``output_dir``, else outputs/<name>."""
+    return Path(override or cfg.get("output_dir") or f"outputs/{cfg.get('name') or 'run'}")

@@ -63,6 +63,112 @@ def test_paper_configs_carry_the_papers_hyperparameters():
     assert pascal["model"]["backbone"] == "swin_v2_s"
 
 
+def test_packaged_configs_validate():
+    for p in sorted(cfglib.CONFIG_DIR.glob("*.yaml")):
+        if not p.stem.startswith("_"):
+            cfglib.validate(cfglib.load(p.stem))
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.epohcs=3", r"unknown config key 'train.epohcs'; did you mean 'train.epochs'"),
+    ("data.batch_szie=4", r"unknown config key 'data.batch_szie'; did you mean 'data.batch_size'"),
+    ("eval.best_metirc=depth/rmse", r"unknown config key 'eval.best_metirc'; did you mean 'eval.best_metric'"),
+    ("train.epochs=abc", r"train.epochs must be an integer >= 1, got 'abc'"),
+    ("train.epochs=-1", r"train.epochs must be an integer >= 1, got -1"),
+    ("train.epochs=2.5", r"train.epochs must be an integer >= 1, got 2.5"),
+    ("train.epochs=true", r"train.epochs must be an integer >= 1, got True"),
+    ("optim.lr=abc", r"optim.lr must be a number > 0, got 'abc'"),
+    ("optim.lr=0", r"optim.lr must be a number > 0, got 0"),
+    ("train.grad_clip=abc", r"train.grad_clip must be a number > 0 or null, got 'abc'"),
+    ("train.grad_clip=0", r"train.grad_clip must be a number > 0 or null, got 0"),
+    ("data.batch_size=0", r"data.batch_size must be an integer >= 1, got 0"),
+    ("data=5", r"data must be a mapping \(a section with keys .*\), got int 5"),
+    ("model.pretrained='false'", r"model.pretrained must be true or false, got 'false'"),
+    ("train.amp=fp8", r"train.amp must be one of 'bf16', 'fp16' or null, got 'fp8'"),
+])
+def test_config_validation_names_key_value_and_expectation(override, match):
+    cfg = cfglib.apply_overrides(cfglib.load("synthetic"), [override])
+    with pytest.raises(cfglib.ConfigError, match=match):
+        cfglib.validate(cfg)
+
+
+def test_config_validation_accepts_nullable_and_free_entries():
+    cfg = cfglib.apply_overrides(cfglib.load("synthetic"), [
+        "train.grad_clip=null", "train.amp=bf16", "optim.lr=1", "schedule=null", "loss.weights=null",
+        "data.options={resize: [32, 32]}", "model.gamma=0.1", "model.task_channels=64"])
+    assert cfglib.validate(cfg) is cfg
+    # every problem at once, and missing required entries
+    cfg = cfglib.apply_overrides(cfglib.load("synthetic"), ["train.epochs=0", "optim.lr=-1"])
+    del cfg["model"]["name"]
+    with pytest.raises(ValueError) as e:
+        cfglib.validate(cfg)
+    for part in ("train.epochs must be", "optim.lr must be", "model.name is required"):
+        assert part in str(e.value)
+
+
+def test_bad_config_fails_before_data_is_generated(tmp_path):
+    with pytest.raises(ValueError, match="train.epochs must be"):
+        Trainer(tiny_cfg(tmp_path, **{"train.epochs": 0}), progress=False)
+    with pytest.raises(ValueError, match="train.epochs must be"):
+        train.main(["--no-progress", f"data.root={tmp_path / 'data'}", "train.epochs=abc",
+                    "--output-dir", str(tmp_path / "cli")])
+    assert not (tmp_path / "data").exists() and not (tmp_path / "cli").exists()
+
+
+def test_best_metric_typo_is_caught_when_the_trainer_is_built(tmp_path):
+    with pytest.raises(ValueError, match=r"eval.best_metric 'semseg/miou'.*Did you mean 'semseg/mIoU'\?"
+                                         r".*'semseg/pixel_acc'.*'depth/rmse'.*'edge/odsF'"):
+        Trainer(tiny_cfg(tmp_path, **{"eval.best_metric": "semseg/miou"}), progress=False)
+    assert not (tmp_path / "data").exists()  # before any data was generated
+    with pytest.raises(ValueError, match=r"'sal/maxF' is not a metric of this run's tasks"):
+        Trainer(tiny_cfg(tmp_path, **{"eval.best_metric": "sal/maxF"}), progress=False)
+    from ctal.engine.trainer import check_best_metric
+    check_best_metric("depth/rmse", ["semseg", "depth"])
+    check_best_metric("delta_m", ["semseg"])
+
+
+def test_fresh_run_refuses_to_overwrite_checkpoints(tmp_path, capsys):
+    """A second fresh run into the same output dir stops before building anything and says what
+    is there; --resume auto continues it, --overwrite starts over, eval-only is unaffected."""
+    import yaml
+    cfg = tiny_cfg(tmp_path, **{"train.epochs": 1, "train.save_images": 0, "train.max_steps_per_epoch": 1})
+    out = tmp_path / "out"
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    run = ["--config", str(cfg_file), "--no-progress"]
+    train.main(run)
+    assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "last.pt", out / "best.pt")}
+    with pytest.raises(FileExistsError, match=r"already holds checkpoints.*last\.pt \(epoch 1.*best\.pt \(epoch 1"
+                                              r".*--resume auto.*--overwrite.*--output-dir"):
+        train.main(run)
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # untouched
+
+    # --resume auto: continues (here: already at the last epoch, so it only evaluates)
+    train.main(run + ["--resume", "auto"])
+    assert "resumed from" in capsys.readouterr().err
+    # --eval-only is unaffected
+    train.main(run + ["--eval-only"])
+    # --overwrite: a new run from epoch 0 replaces them
+    train.main(run + ["--overwrite", "train.epochs=2"])
+    assert checkpoint.load(out / "last.pt")["epoch"] == 2
+    with pytest.raises(ValueError, match="--overwrite starts a fresh run"):
+        train.main(run + ["--overwrite", "--resume", "auto"])
+    # best.pt alone: --resume auto would start fresh, so it is refused too (without suggesting it)
+    (out / "last.pt").unlink()
+    with pytest.raises(FileExistsError, match=r"best\.pt \(epoch") as e:
+        train.main(run + ["--resume", "auto"])
+    assert "--resume auto" not in str(e.value)
+
+
+def test_cli_prints_bad_input_without_a_traceback(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "train.epohcs=3"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "did you mean 'train.epochs'" in r.stderr
+
+
 # --- training ----------------------------------------------------------------------------------
 
 def test_exact_resume(tmp_path):
@@ -87,7 +193,7 @@ def test_exact_resume(tmp_path):
         assert torch.equal(got[k], want[k]), k
 
 
-def test_run_outputs_and_eval_only(tmp_path):
+def test_run_outputs_and_eval_only(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, **{"train.epochs": 1})
     out = tmp_path / "out"
     cfg_file = tmp_path / "cfg.yaml"
@@ -105,6 +211,21 @@ def test_run_outputs_and_eval_only(tmp_path):
     assert again["depth"]["rmse"] == pytest.approx(metrics["depth"]["rmse"], rel=1e-5)
     assert json.loads((out / "eval_metrics.json").read_text())["metrics"]["depth"]["rmse"] == \
         pytest.approx(metrics["depth"]["rmse"], rel=1e-5)
+    # Evaluating a checkpoint downloads no backbone weights (the checkpoint holds them all), and
+    # overrides may sit between the flags.
+    from ctal.models import backbones
+
+    def no_download(*a, **k):
+        raise AssertionError("eval-only must not fetch pretrained weights")
+
+    monkeypatch.setattr(backbones, "_hrnet_timm_pretrained", no_download)
+    third = train.main(["--config", str(cfg_file), "model.pretrained=true", "--eval-only",
+                        "--no-progress", "--checkpoint", str(out / "last.pt")])
+    assert third["depth"]["rmse"] == pytest.approx(metrics["depth"]["rmse"], rel=1e-5)
+    # Another task order would load without a shape error and permute heads / fusion weights.
+    with pytest.raises(ValueError, match=r"trained for the tasks \['semseg', 'depth', 'normals', 'edge'\]"):
+        train.main(["--config", str(cfg_file), "--eval-only", "--no-progress", "--checkpoint",
+                    str(out / "last.pt"), "data.tasks=[depth, semseg, normals, edge]"])
 
 
 def test_uncertainty_weights_are_optimized_and_clipping_applies(tmp_path, monkeypatch):

@@ -58,3 +58,44 @@ def load(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or "model" not in state:
         raise RuntimeError(f"checkpoint {path} is not a ctal checkpoint (no 'model' entry)")
     return state
+
+
+CHECKPOINT_NAMES = ("last.pt", "best.pt")
+
+
+def describe(path: str | Path) -> str:
+    """``last.pt (epoch 3, best score 41.2 at epoch 2)``: what a checkpoint holds, for messages."""
+    path = Path(path)
+    try:
+        try:  # memory-mapped: reads only the small entries, not the weights
+            s = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # not the zip format
+            s = torch.load(path, map_location="cpu", weights_only=False)
+        info = f"epoch {s['epoch']}"
+        if s.get("best"):
+            info += f", best score {s['best']['score']:.4g} at epoch {s['best']['epoch']}"
+    except Exception as e:  # noqa: BLE001 - only a description
+        info = f"unreadable: {type(e).__name__}"
+    return f"{path.name} ({info})"
+
+
+def existing(out_dir: str | Path) -> list[Path]:
+    """The checkpoints (last.pt, best.pt) an earlier run left in ``out_dir``."""
+    return [Path(out_dir) / n for n in CHECKPOINT_NAMES if (Path(out_dir) / n).is_file()]
+
+
+def refuse_fresh_run(out_dir: str | Path) -> None:
+    """Raise FileExistsError if ``out_dir`` holds checkpoints that a fresh run would overwrite,
+    saying what is there and the ways on (--resume auto, --overwrite, another --output-dir)."""
+    found = existing(out_dir)
+    if not found:
+        return
+    ways = []
+    if (Path(out_dir) / "last.pt").is_file():
+        ways.append("continue it with --resume auto")
+    ways += ["start over with --overwrite (replaces them)",
+             "or write elsewhere with --output-dir DIR (or the override output_dir=DIR)"]
+    ways[0] = ways[0][0].upper() + ways[0][1:]
+    raise FileExistsError(f"output dir {out_dir} already holds checkpoints of an earlier run: "
+                          f"{', '.join(describe(p) for p in found)}; a fresh run would overwrite them. "
+                          f"{'; '.join(ways)}.")

@@ -10,7 +10,6 @@ import json
 import math
 import random
 import time
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -68,10 +67,16 @@ def build_data(cfg: dict, split: str):
                          augment=d.get("augment", False) if split == "train" else False, **kw)
 
 
-def build_model(cfg: dict, dataset) -> nn.Module:
+def build_model(cfg: dict, dataset, load_pretrained: bool = True) -> nn.Module:
+    """The model of ``cfg["model"]`` for ``dataset``'s tasks, classes and size. With
+    ``load_pretrained=False`` backbone weights are neither downloaded nor read (a checkpoint
+    replaces them)."""
     from ..models import build_model as build
     m = dict(cfg["model"])
     name = m.pop("name")
+    if not load_pretrained:
+        m["pretrained"] = False
+        m.pop("weights", None)
     return build(name, tasks=list(dataset.tasks), num_classes=dict(dataset.num_classes),
                  input_size=tuple(dataset.size), **m)
 
@@ -149,13 +154,44 @@ def evaluate(model: nn.Module, loader, tasks, num_classes, device, dataset_name:
     return {t: m.compute() for t, m in meters.items()}
 
 
+def check_best_metric(best_metric, tasks) -> None:
+    """``eval.best_metric`` must be ``delta_m`` or a ``task/metric`` the meters of ``tasks`` report
+    with a known direction (:data:`ctal.metrics.HIGHER_IS_BETTER`); raise ConfigError (a ValueError)
+    listing them."""
+    import difflib
+
+    from ..metrics import HIGHER_IS_BETTER
+    valid = [k for k in HIGHER_IS_BETTER if k.partition("/")[0] in set(tasks)]
+    if best_metric == "delta_m" or best_metric in valid:
+        return
+    close = ([k for k in valid if k.lower() == str(best_metric).lower()]  # semseg/miou -> semseg/mIoU
+             or difflib.get_close_matches(str(best_metric), valid, n=3, cutoff=0.6))
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise cfglib.ConfigError(f"eval.best_metric {best_metric!r} is not a metric of this run's tasks {list(tasks)}.{hint} "
+                     f"Expected 'delta_m' (with eval.baselines) or one of {valid}")
+
+
 class Trainer:
     """Builds a run from a config dict (see ``ctal/configs/*.yaml``) and trains / evaluates it."""
 
     def __init__(self, cfg: dict, output_dir: Optional[str] = None, device: Optional[str] = None,
-                 progress: bool = True):
+                 progress: bool = True, eval_only: bool = False):
+        """``eval_only``: build what evaluating a checkpoint needs (no train split, no pretrained
+        backbone download: :meth:`load_weights` supplies every weight); :meth:`fit` then refuses."""
+        cfglib.validate(cfg)
         self.cfg = cfg
         train = cfg.setdefault("train", {})
+        ev = cfg.get("eval") or {}
+        self.best_metric = ev.get("best_metric", "delta_m")
+        if cfg["data"].get("tasks"):  # fail before any data is generated when the tasks are known
+            check_best_metric(self.best_metric, cfg["data"]["tasks"])
+        self.baselines = None
+        if ev.get("baselines"):
+            from ..metrics import load_baselines
+            self.baselines = load_baselines(ev["baselines"])
+        if self.best_metric == "delta_m" and self.baselines is None:
+            raise cfglib.ConfigError("eval.best_metric is delta_m but eval.baselines (single-task results JSON) "
+                             "is not set; set it or choose a metric like 'semseg/mIoU'")
         dev = device or cfg.get("device", "auto")
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -163,18 +199,22 @@ class Trainer:
         if dev == "cuda" and self.dist.enabled:
             dev = f"cuda:{self.dist.local_rank}"
         self.device = torch.device(dev)
-        self.out = Path(output_dir or cfg.get("output_dir") or f"outputs/{cfg.get('name', 'run')}")
+        self.out = cfglib.output_dir(cfg, output_dir)
         self.progress = progress and self.dist.is_main
         seed_everything(int(cfg.get("seed", 0)) + self.dist.rank)
 
-        self.train_set = build_data(cfg, "train") if self.dist.is_main else None
+        self.eval_only = eval_only
+        first = "val" if eval_only else "train"
+        ref = build_data(cfg, first) if self.dist.is_main else None
         distributed.barrier(self.dist)  # rank 0 generates synthetic data first
-        if self.train_set is None:
-            self.train_set = build_data(cfg, "train")
-        self.val_set = build_data(cfg, "val")
-        self.tasks = list(self.train_set.tasks)
-        self.num_classes = dict(self.train_set.num_classes)
-        self.model = build_model(cfg, self.train_set).to(self.device)
+        if ref is None:
+            ref = build_data(cfg, first)
+        self.train_set = None if eval_only else ref
+        self.val_set = ref if eval_only else build_data(cfg, "val")
+        self.tasks = list(ref.tasks)
+        self.num_classes = dict(ref.num_classes)
+        check_best_metric(self.best_metric, self.tasks)
+        self.model = build_model(cfg, ref, load_pretrained=not eval_only).to(self.device)
 
         from ..losses import MultiTaskLoss
         lcfg = dict(cfg.get("loss") or {})
@@ -207,30 +247,22 @@ class Trainer:
         seed = int(cfg.get("seed", 0))
         bs = int(cfg["data"].get("batch_size", 8))
         workers = int(cfg["data"].get("num_workers", 0))
-        if self.dist.enabled:
+        if self.dist.enabled and not eval_only:
             self.sampler = DistributedSampler(self.train_set, self.dist.world_size, self.dist.rank,
                                               shuffle=True, seed=seed, drop_last=True)
             shuffle = False
         else:
             self.sampler, shuffle = None, True
         self.loader_gen = torch.Generator()
-        self.train_loader = DataLoader(self.train_set, batch_size=bs, shuffle=shuffle, sampler=self.sampler,
-                                       num_workers=workers, drop_last=True, generator=self.loader_gen,
-                                       worker_init_fn=_worker_init, persistent_workers=False)
+        self.train_loader = None if eval_only else DataLoader(
+            self.train_set, batch_size=bs, shuffle=shuffle, sampler=self.sampler, num_workers=workers,
+            drop_last=True, generator=self.loader_gen, worker_init_fn=_worker_init,
+            persistent_workers=False)
         self.val_loader = DataLoader(self.val_set, batch_size=int(cfg["data"].get("eval_batch_size", bs)),
                                      shuffle=False, num_workers=workers, drop_last=False)
-        if len(self.train_loader) == 0:
+        if self.train_loader is not None and len(self.train_loader) == 0:
             raise ValueError(f"train set has {len(self.train_set)} samples, fewer than one batch of {bs}")
 
-        ev = cfg.get("eval") or {}
-        self.best_metric = ev.get("best_metric", "delta_m")
-        self.baselines = None
-        if ev.get("baselines"):
-            from ..metrics import load_baselines
-            self.baselines = load_baselines(ev["baselines"])
-        if self.best_metric == "delta_m" and self.baselines is None:
-            raise ValueError("eval.best_metric is delta_m but eval.baselines (single-task results JSON) "
-                             "is not set; set it or choose a metric like 'semseg/mIoU'")
         self.start_epoch, self.step, self.best, self.history = 0, 0, None, []
         self.writer = None
         if self.dist.is_main:
@@ -244,10 +276,19 @@ class Trainer:
                     optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                     scaler=self.scaler.state_dict(), epoch=epoch, step=self.step, best=self.best,
                     history=self.history, rng=checkpoint.rng_state(),
-                    loader_rng=self.loader_gen.get_state(), config=self.cfg)
+                    loader_rng=self.loader_gen.get_state(), config=self.cfg, tasks=self.tasks)
+
+    def _check_tasks(self, s: dict, path) -> None:
+        """The heads and the fusion weights' task axis follow the task order: a checkpoint of
+        ``[semseg, depth]`` loads into a ``[depth, semseg]`` model without a shape error."""
+        saved = s.get("tasks")
+        if saved is not None and list(saved) != self.tasks:
+            raise ValueError(f"checkpoint {path} was trained for the tasks {list(saved)} (in this "
+                             f"order), this run has {self.tasks}; set data.tasks={list(saved)}")
 
     def resume(self, path) -> None:
         s = checkpoint.load(path, map_location=self.device)
+        self._check_tasks(s, path)
         missing, unexpected = _unwrap(self.model).load_state_dict(s["model"], strict=False)
         if missing or unexpected:
             raise RuntimeError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, "
@@ -263,6 +304,7 @@ class Trainer:
 
     def load_weights(self, path) -> None:
         s = checkpoint.load(path, map_location=self.device)
+        self._check_tasks(s, path)
         _unwrap(self.model).load_state_dict(s["model"])
 
     def score(self, metrics: dict) -> float:
@@ -272,7 +314,8 @@ class Trainer:
             return delta_m(metrics, self.baselines)
         task, _, name = self.best_metric.partition("/")
         if task not in metrics or name not in metrics[task]:
-            raise KeyError(f"eval.best_metric {self.best_metric!r} not among the metrics {sorted(metrics)}")
+            have = sorted(f"{t}/{k}" for t, vals in metrics.items() for k in vals)
+            raise KeyError(f"eval.best_metric {self.best_metric!r} not among the metrics {have}")
         v = float(metrics[task][name])
         return v if HIGHER_IS_BETTER.get(self.best_metric, True) else -v
 
@@ -330,6 +373,9 @@ class Trainer:
         """Train from ``start_epoch`` to ``epochs``, evaluating every ``train.eval_every`` epochs;
         writes ``last.pt`` / ``best.pt`` checkpoints, TensorBoard scalars, images and
         ``metrics.json``; returns the final metrics."""
+        if self.eval_only:
+            raise RuntimeError("this Trainer was built with eval_only=True (no train split); build "
+                               "it without eval_only to train")
         train = self.cfg["train"]
         eval_every = int(train.get("eval_every", 1))
         max_steps = max_steps_per_epoch or train.get("max_steps_per_epoch")
