@@ -12,7 +12,7 @@ Pseudo-backends: ``reference-compiled`` is ``torch.compile`` of the reference; `
 times one cuBLAS/MKL batched GEMM of the linear form's own shape (``(9TC x N) @ (N x TC)`` per
 batch item), so each linear-algorithm row also reports the fraction of that ceiling it reaches.
 Ratios (``vs reference``, ``vs compiled``) are between medians of this same run.
-Writes ``benchmarks/results/ops-<device>-<date>.json`` and a markdown table next to it.
+Writes ``benchmarks/results/ops-<device>-<date>T<hhmm>.json`` and a markdown table next to it.
 """
 from __future__ import annotations
 
@@ -167,10 +167,12 @@ def environment(device: str) -> dict:
 
 def write_results(folder: Path, kind: str, env: dict, results: list[dict], table: str,
                   quiet: bool = False) -> Path:
-    """``<folder>/<kind>-<device>-<date>.json`` (environment + results) and ``.md`` (the table)."""
+    """``<folder>/<kind>-<device>-<date>T<hhmm>.json`` (environment + results) and ``.md`` (the
+    table). The start time is in the name, so a later run the same day (or one stopped early)
+    never replaces an earlier run's results."""
     folder.mkdir(parents=True, exist_ok=True)
     slug = (env.get("gpu") or f"cpu{env['cpu_count']}").replace(" ", "-").lower()
-    stem = folder / f"{kind}-{slug}-{env['date'][:10]}"
+    stem = folder / f"{kind}-{slug}-{env['date'][:16].replace(':', '')}"
     stem.with_suffix(".json").write_text(json.dumps(dict(env=env, results=results), indent=1))
     stem.with_suffix(".md").write_text(table)
     if not quiet:

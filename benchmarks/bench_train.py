@@ -8,7 +8,7 @@ out-of-memory is a recorded result). Peak MB is everything training holds at its
 mark (weights, optimizer state, activations, workspaces): the CUDA allocator's peak, or on CPU the
 growth of the process's peak RSS from just before the model is built. The step time is the
 median of ``--steps`` steps after one warm-up step.
-Writes ``benchmarks/results/train-<device>-<date>.json``.
+Writes ``benchmarks/results/train-<device>-<date>T<hhmm>.json``.
 """
 from __future__ import annotations
 

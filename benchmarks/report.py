@@ -18,7 +18,8 @@ from pathlib import Path
 
 from benchmarks.bench_ops import RESULTS, add_ratios, markdown
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 START, END = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
 
 
@@ -76,19 +77,27 @@ def plot(path: Path) -> list[Path]:
     return written
 
 
+def _link(p: Path) -> str:
+    """``p`` as the README links it: relative to the repository root when inside it."""
+    try:
+        return p.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(p.resolve())
+
+
 def readme_section(paths: list[Path]) -> str:
     parts = []
     for p in paths:
         data = json.loads(p.read_text())
         add_ratios(data["results"])  # also fills ratios that files from older versions lack
         parts.append(markdown(data["results"], data["env"]))
-        parts.append(f"Source: `benchmarks/results/{p.name}`; regenerate with "
+        parts.append(f"Source: `{_link(p)}`; regenerate with "
                      f"`python -m benchmarks.bench_ops` then `python -m benchmarks.report`.\n")
         for png in sorted(p.parent.glob(p.stem + "-*.png")):
-            parts.append(f"![{png.stem}](benchmarks/results/{png.name})\n")
+            parts.append(f"![{png.stem}]({_link(png)})\n")
     for p in newest_per_device(paths[0].parent, "train") if paths else []:
         parts.append(p.with_suffix(".md").read_text())
-        parts.append(f"Source: `benchmarks/results/{p.name}`; regenerate with "
+        parts.append(f"Source: `{_link(p)}`; regenerate with "
                      f"`python -m benchmarks.bench_train`.\n")
     return "\n".join(parts) if parts else "No results yet: run `python -m benchmarks.bench_ops`.\n"
 
@@ -112,7 +121,13 @@ def main(argv=None) -> str:
         plot(p)
     section = readme_section(paths)
     print(section)
-    if not args.no_readme:
+    if args.no_readme:
+        return section
+    if Path(args.results).resolve() != RESULTS.resolve():
+        # The README shows the committed results; a scratch folder would leave it pointing at
+        # files nobody else has (and drop the training table kept under benchmarks/results).
+        print(f"README.md left as it is: {args.results} is not {RESULTS.relative_to(ROOT)}")
+    else:
         update_readme(section)
     return section
 
