@@ -173,7 +173,8 @@ def load_hrnet_weights(backbone: HRNetBackbone, weights: Union[str, os.PathLike,
 def _offline_error(what: str, how: str, err: Exception) -> RuntimeError:
     return RuntimeError(
         f"could not download the pretrained {what} weights ({type(err).__name__}: {err}). "
-        f"This machine is probably offline. {how}")
+        f"This machine is probably offline. {how} In train.py / a config these are "
+        f"model.weights=/path/to/file.pth and model.pretrained=false.")
 
 
 def _hrnet_timm_pretrained(backbone: HRNetBackbone) -> LoadReport:
