@@ -28,9 +28,11 @@ TASKS = ("semseg", "depth", "normals", "edge", "sal", "human_parts")
 def output_channels(task: str, num_classes: int | None = None) -> int:
     """Channels a model predicts for ``task`` (``num_classes`` for the segmentation tasks)."""
     if task in ("semseg", "human_parts"):
-        if not num_classes:
-            raise ValueError(f"{task} needs num_classes")
-        return int(num_classes)
+        if num_classes is None:
+            raise ValueError(f"{task} needs num_classes (e.g. num_classes={{'{task}': 13}})")
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+            raise ValueError(f"num_classes of {task} must be an int >= 2, got {num_classes!r}")
+        return num_classes
     fixed = {"depth": 1, "normals": 3, "edge": 1, "sal": 1}
     if task not in fixed:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")

@@ -327,6 +327,15 @@ def test_registry_lists_and_rejects():
         build_model("m_ctal", TASKS3, {"semseg": 5}, SIZE, backbone="swin_v2_t")
     with pytest.raises(ValueError, match="num_classes"):
         build_model("hps", TASKS3, {}, SIZE)
+    for bad in (-3, 2.7, 1, True):
+        with pytest.raises(ValueError, match="num_classes of semseg must be an int >= 2"):
+            build_model("hps", TASKS3, {"semseg": bad}, SIZE)
+    with pytest.raises(ValueError, match="tasks must be a non-empty list"):
+        build_model("hps", "semseg", {"semseg": 5}, SIZE)
+    with pytest.raises(ValueError, match="pretrained must be True or False"):
+        build_model("hps", TASKS3, {"semseg": 5}, SIZE, pretrained="false")
+    with pytest.raises(ValueError, match="gamma must be a number in"):
+        build_model("ctal", TASKS3, {"semseg": 5}, SIZE, gamma=5.0)
     with pytest.raises(ValueError, match="unknown task"):
         build_model("hps", ["semseg", "optical_flow"], {"semseg": 5}, SIZE)
     with pytest.raises(ValueError, match="multiples of 32"):

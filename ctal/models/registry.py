@@ -94,6 +94,10 @@ def build_model(name: str, tasks: Sequence[str], num_classes: Optional[Mapping[s
     if (name in _RESNET_MODELS) != is_resnet(backbone):
         raise ValueError(f"{name} with backbone {backbone!r}: the ResNet backbones are used by "
                          f"{_RESNET_MODELS} only, and those need one of {RESNET_BACKBONES}")
+    if isinstance(tasks, (str, bytes)) or not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks must be a non-empty list of distinct task names, got {tasks!r}")
+    if not isinstance(pretrained, bool):
+        raise ValueError(f"pretrained must be True or False, got {pretrained!r}")
     num_classes = dict(num_classes or {})
     num_outputs = {t: output_channels(t, num_classes.get(t)) for t in tasks}
     kwargs = dict(backbone=backbone, pretrained=pretrained, **kw)
