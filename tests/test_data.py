@@ -452,3 +452,28 @@ def test_transform_size_and_factor_arguments():
         RandomScaleRotate(rots=(20.0, -20.0))
     with pytest.raises(ValueError, match=r"scales must be .*positive"):
         RandomScaleRotate(scales=[0.0, 1.0])
+
+
+def test_augmentation_runs_at_the_stored_size_before_resize(nyu):
+    """A rotation of an image already stretched to another aspect ratio is also a shear that the
+    normals' in-plane rotation would not match: augmentation sees the stored grid."""
+    ds = build_dataset("nyuv2", nyu, "train", augment=True, resize=(4, 4))
+    seen = []
+    ds.augment = lambda s: seen.append(tuple(s["image"].shape[-2:])) or s
+    sample = ds[0]
+    stored = tuple(np.load(nyu / "train" / "image" / "0.npy", mmap_mode="r").shape[:2])
+    assert seen == [stored] and stored != (4, 4)
+    assert tuple(sample["image"].shape[-2:]) == (4, 4)
+
+
+def test_resize_samples_labels_at_pixel_centres():
+    """Labels (nearest) and the image (bilinear, align_corners=False) sample the same positions:
+    a label map equal to the source column index lands within half a source pixel of the
+    image's column index after a resize that does not divide evenly."""
+    H, W = 5, 375
+    cols = torch.arange(W, dtype=torch.float32).expand(H, W)
+    sample = {"image": cols.expand(3, H, W).clone() / W, "semseg": cols.long().clone()}
+    out = Resize((5, 512))(sample)
+    image_col = out["image"][0] * W  # bilinear: the exact source position (interior)
+    offset = (out["semseg"].float() - image_col)[:, 2:-2]
+    assert offset.abs().max() <= 0.5 + 1e-4

@@ -169,10 +169,10 @@ class MultiTaskDataset(Dataset):
         orig = tuple(sample["image"].shape[-2:])
         if self._resize is None and orig != self.size:
             raise size_mismatch_error(self.name, self._image_file(index), orig, self.size, self._image_file(0))
+        if self.augment is not None:  # at the stored size: see the geometry rules in transforms.py
+            sample = self.augment(sample)
         if self._resize is not None:
             sample = self._resize(sample)
-        if self.augment is not None:
-            sample = self.augment(sample)
         if self._normalize is not None:
             sample = self._normalize(sample)
         sample["meta"] = {"index": index, "size": orig, "name": self._name(index)}

@@ -9,7 +9,13 @@ an epoch reproducible.
 Geometry rules (why each task is treated differently):
 
 * labels, edges, saliency, normals and depth are resampled with *nearest* neighbour: averaging
-  class ids, ignore markers, invalid (zero) depths or unit vectors would invent values;
+  class ids, ignore markers, invalid (zero) depths or unit vectors would invent values. The
+  sample positions are pixel centres (``nearest-exact``), the same as the image's bilinear
+  ``align_corners=False``; PyTorch's plain ``nearest`` rounds down and shifts labels by up to a
+  source pixel against the image;
+* augmentation runs at the stored size, before any resize: a rotation of a stretched (resized to
+  another aspect ratio) image is also a shear, which the normals' in-plane rotation would not
+  match;
 * a horizontal flip mirrors the scene, so the normals' x component changes sign;
 * zooming in by ``s`` (scale-crop or scale-rotate) brings the scene ``s`` times closer, so depth
   is divided by ``s`` (inverse depth, as stored for Cityscapes, is multiplied by ``s``);
@@ -179,7 +185,7 @@ class RandomScaleCrop:
             if k == "image":
                 y = F.interpolate(crop, (H, W), mode="bilinear", align_corners=False)[0]
             else:
-                y = F.interpolate(crop, (H, W), mode="nearest")[0]
+                y = F.interpolate(crop, (H, W), mode="nearest-exact")[0]  # pixel centres, as bilinear
             if k == "depth":
                 y = y * s if self.inverse_depth else y / s
             y = y.to(x.dtype)
@@ -247,7 +253,7 @@ class Resize:
             if k == "image":
                 y = F.interpolate(xf, self.size, mode="bilinear", align_corners=False)[0]
             else:
-                y = F.interpolate(xf, self.size, mode="nearest")[0]
+                y = F.interpolate(xf, self.size, mode="nearest-exact")[0]  # pixel centres, as bilinear
             y = y.to(x.dtype)
             out[k] = y[0] if squeeze else y
         return out
