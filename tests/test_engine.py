@@ -277,6 +277,14 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         checkpoint.load(tmp_path / "bad.pt")
 
 
+def _free_port() -> int:
+    """A TCP port nothing listens on now (a fixed one can still be held by the previous run)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_ddp_two_gloo_processes(tmp_path):
     import yaml
     cfg = tiny_cfg(tmp_path, **{"train.epochs": 1, "train.save_images": 0})
@@ -288,13 +296,33 @@ def test_ddp_two_gloo_processes(tmp_path):
     cfg_file.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29517", str(ROOT / "train.py"), "--config", str(cfg_file),
+                        "--master_port", str(_free_port()), str(ROOT / "train.py"), "--config", str(cfg_file),
                         "--no-progress", "--device", "cpu"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "metrics.json").read_text())
     # 8 samples, batch 2 per rank, 2 ranks: 2 steps per epoch, capped at 2.
     assert summary["steps"] == 2
+    # The loss module's uncertainty weights are not DDP's: their gradients are averaged by the
+    # trainer, so both processes keep the same values (and DWA sees the same epoch losses).
+    script = tmp_path / "uncertainty_ranks.py"
+    script.write_text(
+        "import sys, torch, yaml\n"
+        "from ctal.engine import Trainer\n"
+        "cfg = yaml.safe_load(open(sys.argv[1]))\n"
+        "cfg['loss'] = dict(cfg.get('loss') or {}, weighting='uncertainty', weights=None)\n"
+        "cfg['optim']['lr'] = 0.05\n"
+        "t = Trainer(cfg, device='cpu', progress=False)\n"
+        "t.train_epoch(0, max_steps=2)\n"
+        "open(f'{sys.argv[2]}/rank{t.dist.rank}.txt', 'w').write(repr(t.criterion.log_vars.tolist()))\n"
+        "t.close()\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(_free_port()), str(script), str(cfg_file), str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    per_rank = [(tmp_path / f"rank{i}.txt").read_text() for i in range(2)]
+    assert per_rank[0] == per_rank[1], per_rank
+    assert per_rank[0] != repr([0.0] * 4)  # they did move
 
 
 def test_short_synthetic_run_learns(tmp_path):

@@ -49,6 +49,32 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def average_gradients(params, info: DistInfo) -> None:
+    """Average the gradients of parameters that DDP does not own (the loss module's uncertainty
+    weights) over the processes, so every process takes the same step."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not info.enabled or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= info.world_size
+    for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(avg.view_as(g))
+
+
+def average_floats(values: dict, info: DistInfo) -> dict:
+    """The mean over processes of a ``{name: float}`` with the same keys on every process."""
+    if not info.enabled:
+        return values
+    keys = sorted(values)
+    backend_cuda = dist.get_backend() == "nccl"
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device="cuda" if backend_cuda else "cpu")
+    dist.all_reduce(t)
+    t /= info.world_size
+    return dict(zip(keys, t.tolist()))
+
+
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -343,6 +343,7 @@ class Trainer:
                                          f"{ {t: float(v) for t, v in parts.items()} }")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
+            distributed.average_gradients(self.criterion.parameters(), self.dist)  # DDP owns the model's
             if self.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), float(self.grad_clip))
@@ -358,7 +359,8 @@ class Trainer:
                     self.writer.add_scalar(f"train/loss_{t}", float(parts[t].detach()), self.step)
             bar.set_postfix(loss=f"{float(total.detach()):.3f}")
         self.scheduler.step()
-        avg = {t: s / max(n, 1) for t, s in sums.items()}
+        # The epoch's mean task losses over all processes: DWA weights the next epoch from them.
+        avg = distributed.average_floats({t: s / max(n, 1) for t, s in sums.items()}, self.dist)
         self.criterion.end_epoch(avg)
         return avg
 
