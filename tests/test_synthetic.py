@@ -1,7 +1,13 @@
-"""The synthetic scene generator: determinism, label consistency, the loader path, CLI, speed."""
+"""The synthetic scene generator: determinism, label consistency, the loader path, CLI, speed,
+and where it may write (never over files it did not write; atomic files; no orphaned workers)."""
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +17,7 @@ from ctal.data import build_dataset
 from ctal.data import synthetic as S
 
 SIZE = (24, 32)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +128,266 @@ def test_cli(tmp_path, capsys):
     assert S.is_complete(tmp_path / "cli", 3, 1, size=(16, 24), seed=5)
     with pytest.raises(SystemExit):
         S.main(["--out", str(tmp_path / "bad"), "--num", "-1"])
+
+
+# ---------------------------------------------------------------- where the generator may write
+
+def _snapshot(root):
+    """Every path under ``root`` -> file bytes and mtime (None for folders, link target for links)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink():
+            out[rel] = ("link", os.readlink(p))
+        elif p.is_dir():
+            out[rel] = None
+        else:
+            out[rel] = (p.read_bytes(), p.stat().st_mtime_ns)
+    return out
+
+
+def _fake_nyuv2(root, counts=(("train", 3), ("val", 2))):
+    """A real dataset in the NYUv2 layout (which the synthetic layout shares)."""
+    for split, n in counts:
+        for kind, shape in (("image", (8, 8, 3)), ("label", (8, 8)), ("depth", (8, 8, 1)), ("normal", (8, 8, 3))):
+            d = root / split / kind
+            d.mkdir(parents=True)
+            for i in range(n):
+                np.save(d / f"{i}.npy", np.full(shape, 0.25, np.float32))
+
+
+def test_refuses_to_write_into_a_real_dataset(tmp_path):
+    root = tmp_path / "nyuv2"
+    _fake_nyuv2(root)
+    before = _snapshot(root)
+    for call in (lambda: S.ensure(root, 3, 2, size=SIZE, progress=False, workers=1),
+                 lambda: S.generate(root, 3, 2, size=SIZE, progress=False, workers=1),
+                 lambda: S.generate(root, 1, 0, size=SIZE, progress=False, workers=2)):
+        with pytest.raises(S.ForeignFilesError) as info:
+            call()
+        assert isinstance(info.value, FileExistsError)  # train.py prints those as a one-line error
+        msg = str(info.value)
+        assert "\n" not in msg and str(root) in msg
+        assert "20 entries" in msg and "train/depth/0.npy" in msg and "no meta.json" in msg
+        assert "--config" in msg and "data.root" in msg and "delete the folder" in msg
+        assert _snapshot(root) == before
+
+
+def test_trainer_refuses_a_real_dataset_as_synthetic_root(tmp_path):
+    from ctal.engine.trainer import build_data
+    root = tmp_path / "nyuv2"
+    _fake_nyuv2(root)
+    before = _snapshot(root)
+    cfg = {"data": {"dataset": "synthetic", "root": str(root), "tasks": ["semseg", "depth", "normals"],
+                    "generate": {"num_train": 3, "num_val": 2, "size": list(SIZE), "seed": 0, "workers": 1}}}
+    with pytest.raises(FileExistsError, match="refusing to write synthetic data"):
+        build_data(cfg, "train")
+    assert _snapshot(root) == before
+
+
+def test_cli_refuses_a_foreign_folder_even_with_force(tmp_path, capsys):
+    root = tmp_path / "nyuv2"
+    _fake_nyuv2(root)
+    before = _snapshot(root)
+    for extra in ([], ["--force"]):
+        with pytest.raises(SystemExit) as info:
+            S.main(["--out", str(root), "--num", "3", "--num-val", "2", "--size", "24", "32", "--workers", "1",
+                    "--no-progress"] + extra)
+        assert info.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith("python -m ctal.data.synthetic: error: refusing to write synthetic data to ")
+        assert err.count("\n") == 1 and str(root) in err
+        assert _snapshot(root) == before
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "train/image/photo.png", "train/label_19/0.npy",
+                                   "val/depth/007.npy", "train/edge/.keep", "test/image/0.npy"])
+def test_refuses_foreign_files_next_to_an_earlier_generation(tmp_path, extra):
+    root = tmp_path / "s"
+    S.generate(root, 3, 1, size=SIZE, seed=0, progress=False, workers=1)
+    p = root / extra
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(b"not generated")
+    before = _snapshot(root)
+    for call in (lambda: S.ensure(root, 3, 1, size=SIZE, seed=1, progress=False, workers=1),   # other params
+                 lambda: S.generate(root, 3, 1, size=SIZE, seed=0, progress=False, workers=1)):  # --force
+        with pytest.raises(S.ForeignFilesError, match=r"besides an earlier synthetic generation it holds 1 entry"
+                                                      r" .*" + re.escape(extra.split("/")[0])):
+            call()
+        assert _snapshot(root) == before
+
+
+def test_refuses_symlinks_out_of_the_folder(tmp_path):
+    elsewhere = tmp_path / "real"
+    _fake_nyuv2(elsewhere, counts=(("val", 2),))
+    root = tmp_path / "s"
+    S.generate(root, 2, 1, size=SIZE, seed=0, progress=False, workers=1)
+    for f in (root / "val").iterdir():
+        for g in f.iterdir():
+            g.unlink()
+        f.rmdir()
+    (root / "val").rmdir()
+    (root / "val").symlink_to(elsewhere / "val", target_is_directory=True)
+    before, outside = _snapshot(root), _snapshot(elsewhere)
+    with pytest.raises(S.ForeignFilesError, match=r"e\.g\. val \(symlink\)"):
+        S.generate(root, 2, 1, size=SIZE, seed=0, progress=False, workers=1)
+    assert _snapshot(root) == before and _snapshot(elsewhere) == outside
+
+
+def test_generates_into_a_missing_or_empty_folder_but_not_onto_a_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for root in (tmp_path / "empty", tmp_path / "new" / "nested"):
+        S.ensure(root, 2, 1, size=SIZE, seed=0, progress=False, workers=1)
+        assert S.is_complete(root, 2, 1, size=SIZE, seed=0)
+        meta = json.loads((root / "meta.json").read_text())
+        assert meta["generator"] == "ctal.data.synthetic"
+        assert sorted(os.listdir(root)) == ["meta.json", "train", "val"]  # the marker is gone
+    f = tmp_path / "file"
+    f.write_text("mine")
+    with pytest.raises(S.ForeignFilesError, match="not a folder"):
+        S.generate(f, 2, 1, size=SIZE, progress=False, workers=1)
+    assert f.read_text() == "mine"
+
+
+def test_regenerates_an_earlier_generation_with_other_parameters(tmp_path):
+    root = tmp_path / "s"
+    S.generate(root, 2, 1, size=SIZE, seed=0, progress=False, workers=1)
+    # a generation whose meta.json predates the "generator" field is recognised by its "format"
+    meta = json.loads((root / "meta.json").read_text())
+    del meta["generator"]
+    (root / "meta.json").write_text(json.dumps(meta))
+    S.ensure(root, 2, 1, size=(16, 24), seed=5, progress=False, workers=1)
+    assert S.is_complete(root, 2, 1, size=(16, 24), seed=5)
+    assert _load(root, "train", "image", 0).shape == (16, 24, 3)
+
+
+def test_shrinking_an_existing_generation_removes_the_surplus(tmp_path):
+    root = tmp_path / "s"
+    S.ensure(root, 6, 3, size=SIZE, seed=0, progress=False, workers=1)
+    S.ensure(root, 4, 1, size=SIZE, seed=0, progress=False, workers=1)
+    for split, n in (("train", 4), ("val", 1)):
+        assert len(build_dataset("synthetic", root, split)) == n
+        for folder in ("image", "label", "depth", "normal", "edge", "sal"):
+            assert sorted(os.listdir(root / split / folder)) == sorted(f"{i}.npy" for i in range(n))
+    # a surplus file makes the folder incomplete (the loader would reject it), so ensure repairs it
+    (root / "train" / "image" / "4.npy").write_bytes((root / "train" / "image" / "0.npy").read_bytes())
+    assert not S.is_complete(root, 4, 1, size=SIZE, seed=0)
+    S.ensure(root, 4, 1, size=SIZE, seed=0, progress=False, workers=1)
+    assert len(build_dataset("synthetic", root, "train")) == 4
+
+
+def test_cli_force_shrinks_as_the_loader_advises(tmp_path):
+    root = tmp_path / "s"
+    args = ["--out", str(root), "--size", "24", "32", "--workers", "1", "--no-progress"]
+    assert S.main(args + ["--num", "5", "--num-val", "2"]) == 0
+    assert S.main(args + ["--num", "3", "--num-val", "1", "--force"]) == 0
+    assert len(build_dataset("synthetic", root, "train")) == 3
+    assert len(build_dataset("synthetic", root, "val")) == 1
+
+
+def test_an_interrupted_generation_leaves_no_partial_file_and_is_regenerated(tmp_path, monkeypatch):
+    root = tmp_path / "s"
+    real_write = np.lib.format.write_array
+    calls = []
+
+    def disk_full_on_the_9th_file(fp, array, *a, **k):
+        calls.append(1)
+        if len(calls) == 9:  # scene 1's third file: half written, then the disk is full
+            fp.write(b"\x93NUMPY\x01\x00")
+            raise OSError(28, "No space left on device")
+        return real_write(fp, array, *a, **k)
+
+    monkeypatch.setattr(np.lib.format, "write_array", disk_full_on_the_9th_file)
+    with pytest.raises(OSError, match="No space"):
+        S.generate(root, 3, 1, size=SIZE, seed=0, progress=False, workers=1)
+    monkeypatch.undo()
+    written = sorted(root.rglob("*.npy"))
+    assert len(written) == 8
+    for p in written:  # every file under a real name is whole
+        np.load(p)
+    assert not list(root.rglob("*.tmp")) and not (root / "meta.json").exists()
+    assert not S.is_complete(root, 3, 1, size=SIZE, seed=0)
+    # what a SIGKILL mid-write leaves behind: a temp file of the generator's own
+    (root / "train" / "depth" / ".1.npy.4242.tmp").write_bytes(b"\x93NUMPY")
+    # no meta.json, but the marker written first identifies the folder as an interrupted generation
+    S.ensure(root, 3, 1, size=SIZE, seed=0, progress=False, workers=1)
+    assert S.is_complete(root, 3, 1, size=SIZE, seed=0)
+    assert not list(root.rglob("*.tmp"))
+    assert len(build_dataset("synthetic", root, "train")) == 3
+
+
+# ---------------------------------------------------------------- worker processes
+
+_BIG_JOB = r"""
+import sys
+from ctal.data import synthetic as S
+if sys.argv[2] == "no-prctl":
+    S._set_parent_death_signal = lambda: False  # exercise the getppid watchdog instead
+S.generate(sys.argv[1], 50000, 0, size=(48, 64), progress=False, workers=2)
+"""
+
+
+def _proc_stat(pid):
+    """(state, ppid, start time) of a process from /proc, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[0], int(fields[1]), fields[19]
+
+
+def _live_children(pid):
+    """{pid: start time} of the live children of ``pid``."""
+    out = {}
+    for d in os.listdir("/proc"):
+        st = _proc_stat(d) if d.isdigit() else None
+        if st and st[1] == pid and st[0] != "Z":
+            out[int(d)] = st[2]
+    return out
+
+
+def _still_alive(procs):
+    alive = []
+    for pid, start in procs.items():
+        st = _proc_stat(pid)
+        if st and st[0] != "Z" and st[2] == start:  # same start time: not a reused pid
+            alive.append(pid)
+    return alive
+
+
+def _wait_gone(kids, seconds):
+    """The pids of ``kids`` still alive after up to ``seconds``; those are killed before returning."""
+    deadline = time.monotonic() + seconds
+    while _still_alive(kids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = _still_alive(kids)
+    for pid in left:  # do not leave them running after a failure
+        os.kill(pid, signal.SIGKILL)
+    return left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers through /proc")
+@pytest.mark.parametrize("mode", ["prctl", "no-prctl"])
+def test_workers_exit_when_the_parent_is_killed(tmp_path, mode):
+    root = tmp_path / "s"
+    p = subprocess.Popen([sys.executable, "-c", _BIG_JOB, str(root), mode], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    kids = {}
+    while not (len(kids) >= 2 and any((root / "train" / "image").glob("*.npy"))):  # both workers, rendering
+        if p.poll() is not None or time.monotonic() > deadline:
+            p.kill()
+            err = p.communicate()[1].decode()[-2000:]
+            _wait_gone(kids, 0)
+            pytest.fail(f"the generation did not get going (rc={p.returncode}): {err}")
+        time.sleep(0.05)
+        kids = _live_children(p.pid)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    p.stderr.close()
+    assert not _wait_gone(kids, 5), f"render workers outlived their SIGKILLed parent ({mode})"
 
 
 @pytest.mark.slow

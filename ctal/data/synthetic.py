@@ -29,6 +29,18 @@ normal ``(H, W, 3)`` float16; edge and sal ``(H, W)`` uint8. float16/int8 keep 1
 96x128 near 200 MB; the loader accepts these dtypes as well as the float32/float64 of the real
 NYUv2 files. ``meta.json`` is written last and marks the folder complete.
 
+Where it writes: the generator never writes into a folder holding anything it did not write
+itself, since the layout is the real NYUv2 one and a mistyped ``data.root`` must not overwrite a
+real dataset. The output folder must be missing, empty, or hold an earlier generation (marked
+by this module's ``meta.json``, or by the ``generating.ctal-synthetic`` marker that a run writes
+first and removes last) with nothing but the generator's own names in it: ``meta.json``, the
+marker, ``{train,val}/<kind>/<i>.npy`` and the hidden temp files of its atomic writes. Anything
+else raises :class:`ForeignFilesError` before a single file is written, for :func:`ensure`,
+:func:`generate` and the CLI alike (``--force`` included). An earlier generation with other
+parameters is replaced, its numbered files beyond the new counts deleted. Every file is written
+to a temp file and renamed, so a killed run leaves no truncated data file, and render workers
+exit when the generating process dies.
+
 Generation is deterministic: scene ``i`` of a split is drawn from
 ``numpy.random.default_rng([seed, split_id, i])``, independent of worker count and order.
 
@@ -40,8 +52,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -49,7 +65,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["CLASSES", "generate", "ensure", "render_scene", "is_complete", "main"]
+__all__ = ["CLASSES", "ForeignFilesError", "generate", "ensure", "render_scene", "is_complete", "main"]
 
 CLASSES = ("floor", "wall", "ceiling", "sphere", "box", "cylinder", "cone")
 _CLS = {name: i for i, name in enumerate(CLASSES)}
@@ -387,26 +403,209 @@ def _shadow_hit(origins, dirs, obj):
 
 
 # --------------------------------------------------------------------------------------------
-# writing
+# the output folder: what the generator owns, and writing into it safely
 # --------------------------------------------------------------------------------------------
+
+GENERATOR = "ctal.data.synthetic"
+_FORMAT = "ctal-synthetic"
+_META = "meta.json"
+_MARKER = "generating.ctal-synthetic"
+_NPY_RE = re.compile(r"^(0|[1-9][0-9]*)\.npy$")    # the only data file names the generator writes
+_TMP_RE = re.compile(r"^\.(.+)\.[0-9]+\.tmp$")      # ".<name>.<pid>.tmp" of an atomic write
+_PR_SET_PDEATHSIG = 1                               # from <linux/prctl.h>
+
+
+class ForeignFilesError(FileExistsError):
+    """The output folder holds something the generator did not write; nothing was written."""
+
+
+def _is_own_name(rel: tuple, is_dir: bool) -> bool:
+    """Whether ``root/<rel>`` (a path split into parts) is a name and kind the generator writes."""
+    name = rel[-1]
+    tmp = _TMP_RE.match(name)
+    if len(rel) == 1:
+        if is_dir:
+            return name in _SPLIT_ID
+        return name in (_META, _MARKER) or bool(tmp and tmp.group(1) == _META)
+    if len(rel) == 2:
+        return is_dir and name in _FOLDERS
+    if len(rel) == 3 and not is_dir:
+        return bool(_NPY_RE.match(name) or (tmp and _NPY_RE.match(tmp.group(1))))
+    return False
+
+
+def _scan(root: Path) -> tuple[list[str], list[str]]:
+    """Everything under ``root`` as sorted (own, foreign) relative paths, folders with a trailing
+    ``/``. Only the generator's own folders are descended, so a foreign folder is one entry and the
+    walk stays within the layout; symlinks are foreign (the generator never makes one)."""
+    own, foreign = [], []
+    todo = [()]
+    while todo:
+        rel = todo.pop()
+        with os.scandir(root.joinpath(*rel)) as it:
+            for e in it:
+                sub = rel + (e.name,)
+                is_dir, is_link = e.is_dir(follow_symlinks=False), e.is_symlink()
+                text = "/".join(sub) + ("/" if is_dir else " (symlink)" if is_link else "")
+                if not is_link and _is_own_name(sub, is_dir):
+                    own.append(text)
+                    if is_dir:
+                        todo.append(sub)
+                else:
+                    foreign.append(text)
+    return sorted(own), sorted(foreign)
+
+
+def _is_generated(root: Path) -> bool:
+    """Whether ``root`` is marked as the generator's: by its meta.json (written last) or by the
+    marker file (written first, so an interrupted run is recognised too)."""
+    if (root / _MARKER).is_file():
+        return True
+    try:
+        meta = json.loads((root / _META).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and (meta.get("generator") == GENERATOR or meta.get("format") == _FORMAT)
+
+
+def _check_writable(root: Path) -> None:
+    """Raise :class:`ForeignFilesError` unless ``root`` does not exist, is empty, or holds an
+    earlier generation and nothing else (see the module docstring)."""
+    if not root.exists():
+        return
+    advice = ("If this is a real dataset, train with its config (e.g. --config nyuv2_ctal) instead of "
+              "the synthetic default; otherwise set data.root (or --out) to a new or empty folder, "
+              "or move those files away or delete the folder yourself.")
+    if not root.is_dir():
+        raise ForeignFilesError(f"refusing to write synthetic data to {root}: it exists and is not a "
+                                f"folder. Nothing was written. {advice}")
+    own, foreign = _scan(root)
+    if not own and not foreign:
+        return
+    generated = _is_generated(root)
+    if generated and not foreign:
+        return
+    if generated:
+        listed, where = foreign, "besides an earlier synthetic generation it holds"
+    else:
+        # unmarked: even files named like the generator's are someone else's (e.g. real NYUv2)
+        listed = foreign + [p for p in own if not p.endswith("/")] or own
+        where = "it holds"
+    n = len(listed)
+    what = f"{n} entr{'y' if n == 1 else 'ies'} that {GENERATOR} did not write"
+    if not generated:
+        what += f" (there is no {_META} from {GENERATOR})"
+    what += f", e.g. {', '.join(listed[:3])}"
+    raise ForeignFilesError(f"refusing to write synthetic data to {root}: {where} {what}. "
+                            f"Nothing was written. {advice}")
+
+
+def _remove_surplus(root: Path, counts: dict) -> None:
+    """Delete the generator's own files that a new generation would not rewrite: numbered files at
+    or beyond the new counts (the loader rejects a folder with extra files) and temp files of
+    interrupted writes. Only own names inside own folders; :func:`_check_writable` has already
+    made sure nothing else is there."""
+    for e in os.scandir(root):
+        tmp = _TMP_RE.match(e.name)
+        if tmp and tmp.group(1) == _META and e.is_file(follow_symlinks=False):
+            os.unlink(e.path)
+    for split, n in counts.items():
+        for folder in _FOLDERS:
+            d = root / split / folder
+            if not d.is_dir():
+                continue
+            for e in os.scandir(d):
+                num, tmp = _NPY_RE.match(e.name), _TMP_RE.match(e.name)
+                stale = (num and int(num.group(1)) >= n) or (tmp and _NPY_RE.match(tmp.group(1)))
+                if stale and e.is_file(follow_symlinks=False):
+                    os.unlink(e.path)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Create ``path`` through ``write(binary file)`` on a temp file in the same folder and
+    ``os.replace``: a kill or a full disk never leaves a truncated file under the real name."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    # a file object, not a name: np.save would append ".npy" to the temp name
+    _write_atomic(path, lambda f: np.save(f, array))
+
 
 def _render_and_save(args):
     root, split, seed, start, stop, size = args
+    base = Path(root) / split
     for i in range(start, stop):
         rng = np.random.default_rng([seed, _SPLIT_ID[split], i])
         out = render_scene(_sample_scene(rng), size)
-        base = Path(root) / split
-        np.save(base / "image" / f"{i}.npy", out["image"].astype(np.float16))
-        np.save(base / "label" / f"{i}.npy", out["label"].astype(np.int8))
-        np.save(base / "depth" / f"{i}.npy", out["depth"][..., None].astype(np.float32))
-        np.save(base / "normal" / f"{i}.npy", out["normal"].astype(np.float16))
-        np.save(base / "edge" / f"{i}.npy", out["edge"].astype(np.uint8))
-        np.save(base / "sal" / f"{i}.npy", out["sal"].astype(np.uint8))
+        _save_npy(base / "image" / f"{i}.npy", out["image"].astype(np.float16))
+        _save_npy(base / "label" / f"{i}.npy", out["label"].astype(np.int8))
+        _save_npy(base / "depth" / f"{i}.npy", out["depth"][..., None].astype(np.float32))
+        _save_npy(base / "normal" / f"{i}.npy", out["normal"].astype(np.float16))
+        _save_npy(base / "edge" / f"{i}.npy", out["edge"].astype(np.uint8))
+        _save_npy(base / "sal" / f"{i}.npy", out["sal"].astype(np.uint8))
     return stop - start
 
 
+def _set_parent_death_signal() -> bool:
+    """Linux: ask the kernel to SIGKILL this process when its parent dies. False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Bind a render worker's life to the generating process. If that one is SIGKILLed, the pool
+    never shuts down and idle workers would wait on its queue forever. Killing a worker is safe:
+    every file is written atomically, and leftover temp files are removed by the next run."""
+    armed = _set_parent_death_signal()
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True,
+                         name="ctal-synthetic-parent-watch").start()
+
+
+def _render_jobs(jobs: list, workers: int, bar) -> None:
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            done = _render_and_save(job)
+            if bar is not None:
+                bar.update(done)
+        return
+    # fork (Linux) and spawn both make this process the workers' parent, which _worker_init
+    # relies on; forkserver would not
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(os.getpid(),)) as pool:
+        for done in pool.map(_render_and_save, jobs):
+            if bar is not None:
+                bar.update(done)
+
+
 def _meta(num_train, num_val, size, seed):
-    return {"format": "ctal-synthetic", "version": FORMAT_VERSION, "seed": int(seed),
+    return {"generator": GENERATOR, "format": _FORMAT, "version": FORMAT_VERSION, "seed": int(seed),
             "size": [int(size[0]), int(size[1])], "num": {"train": int(num_train), "val": int(num_val)},
             "classes": list(CLASSES), "num_classes": len(CLASSES),
             "tasks": ["semseg", "depth", "normals", "edge", "sal"],
@@ -427,72 +626,74 @@ def generate(root, num_train: int, num_val: int, size: Sequence[int] = (96, 128)
              progress: bool = True, workers: Optional[int] = None) -> Path:
     """Render ``num_train`` + ``num_val`` scenes into ``root`` (NYUv2 layout + edge/sal folders).
 
-    Existing files with the same names are overwritten; ``meta.json`` is written last, so an
-    interrupted run is detected as incomplete by :func:`ensure`. ``workers`` processes render in
-    parallel (default: the number of CPUs, at most 8; 0 or 1 renders in this process).
+    ``root`` must be missing, empty, or hold an earlier generation of this module and nothing
+    else; otherwise :class:`ForeignFilesError` is raised before anything is written. An earlier
+    generation is replaced: its files are overwritten and those beyond the new counts deleted.
+    ``workers`` processes render in parallel (default: the number of CPUs, at most 8; 0 or 1
+    renders in this process); they exit if this process dies.
     """
     _check_args(num_train, num_val, size)
     size = (int(size[0]), int(size[1]))
+    seed = int(seed)
     root = Path(root)
-    meta_path = root / "meta.json"
-    if meta_path.exists():
-        meta_path.unlink()
+    _check_writable(root)
+    root.mkdir(parents=True, exist_ok=True)
+    # marker first, meta.json last: during the run the folder is recognisably ours but incomplete
+    (root / _MARKER).write_text(json.dumps({"generator": GENERATOR, "pid": os.getpid(),
+                                            "meta": _meta(num_train, num_val, size, seed)}, indent=2))
+    (root / _META).unlink(missing_ok=True)
+    _remove_surplus(root, {"train": num_train, "val": num_val})
     jobs = []
     chunk = 25
     for split, n in (("train", num_train), ("val", num_val)):
         for folder in _FOLDERS:
             (root / split / folder).mkdir(parents=True, exist_ok=True)
-        jobs += [(str(root), split, int(seed), s, min(s + chunk, n), size) for s in range(0, n, chunk)]
-    total = num_train + num_val
+        jobs += [(str(root), split, seed, s, min(s + chunk, n), size) for s in range(0, n, chunk)]
     if workers is None:
         workers = min(os.cpu_count() or 1, 8)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=total, desc=f"synthetic scenes -> {root}", unit="img")
+        bar = tqdm(total=num_train + num_val, desc=f"synthetic scenes -> {root}", unit="img")
     try:
-        if workers <= 1 or len(jobs) <= 1:
-            for job in jobs:
-                done = _render_and_save(job)
-                if bar is not None:
-                    bar.update(done)
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for done in pool.map(_render_and_save, jobs):
-                    if bar is not None:
-                        bar.update(done)
+        _render_jobs(jobs, workers, bar)
     finally:
         if bar is not None:
             bar.close()
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_meta(num_train, num_val, size, seed), indent=2))
-    os.replace(tmp, meta_path)
+    meta = json.dumps(_meta(num_train, num_val, size, seed), indent=2)
+    _write_atomic(root / _META, lambda f: f.write(meta.encode()))
+    (root / _MARKER).unlink()
     return root
 
 
 def is_complete(root, num_train: int, num_val: int, size: Sequence[int] = (96, 128), seed: int = 0) -> bool:
-    """True when ``root`` holds exactly this generation (meta.json matches and every file exists)."""
+    """True when ``root`` holds exactly this generation: meta.json matches and every data folder
+    holds exactly ``0.npy .. <n-1>.npy`` (surplus numbered files would fail the loader)."""
     root = Path(root)
     try:
-        meta = json.loads((root / "meta.json").read_text())
+        meta = json.loads((root / _META).read_text())
     except (OSError, ValueError):
         return False
     if meta != json.loads(json.dumps(_meta(num_train, num_val, size, seed))):
         return False
     for split, n in (("train", num_train), ("val", num_val)):
+        expected = {f"{i}.npy" for i in range(n)}
         for folder in _FOLDERS:
             d = root / split / folder
             if not d.is_dir():
                 return False
-            names = {e.name for e in os.scandir(d)}
-            if any(f"{i}.npy" not in names for i in range(n)):
+            # any <digits>.npy counts, as in the loader
+            if {e.name for e in os.scandir(d) if re.fullmatch(r"[0-9]+\.npy", e.name)} != expected:
                 return False
     return True
 
 
 def ensure(root, num_train: int = 1000, num_val: int = 200, size: Sequence[int] = (96, 128), seed: int = 0,
            progress: bool = True, workers: Optional[int] = None) -> Path:
-    """Generate the synthetic set in ``root`` unless an identical complete one is already there."""
+    """Generate the synthetic set in ``root`` unless an identical complete one is already there.
+
+    Raises :class:`ForeignFilesError` (writing nothing) when ``root`` needs generating but holds
+    files the generator did not write, e.g. a real dataset in the same layout."""
     _check_args(num_train, num_val, size)
     if is_complete(root, num_train, num_val, size, seed):
         return Path(root)
@@ -502,7 +703,8 @@ def ensure(root, num_train: int = 1000, num_val: int = 200, size: Sequence[int] 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ctal.data.synthetic",
                                  description="Render the ctal synthetic multitask scenes (NYUv2 layout).")
-    ap.add_argument("--out", required=True, help="output folder (created)")
+    ap.add_argument("--out", required=True,
+                    help="output folder: new, empty, or holding only an earlier synthetic generation")
     ap.add_argument("--num", type=int, default=1000, help="number of training scenes (default 1000)")
     ap.add_argument("--num-val", type=int, default=None,
                     help="number of validation scenes (default: --num / 5)")
@@ -510,7 +712,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="image height and width (default 96 128)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=None, help="render processes (default: CPUs)")
-    ap.add_argument("--force", action="store_true", help="regenerate even if a complete copy exists")
+    ap.add_argument("--force", action="store_true",
+                    help="regenerate even if a complete copy exists (same rule for --out)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     num_val = a.num // 5 if a.num_val is None else a.num_val
@@ -521,6 +724,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
            workers=a.workers)
     except ValueError as e:
         ap.error(str(e))
+    except ForeignFilesError as e:
+        ap.exit(1, f"{ap.prog}: error: {e}\n")
     print(f"{a.num} train + {num_val} val scenes at {a.size[0]}x{a.size[1]} in {a.out} "
           f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0
