@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import TaskOrderState, check_task_names
 from .tasks import EDGE_IGNORE, IGNORE_INDEX, SAL_IGNORE, TASKS
 
 __all__ = ["segmentation_loss", "depth_loss", "normals_loss", "balanced_bce_loss", "edge_loss",
@@ -133,7 +134,7 @@ def task_loss(task: str, pred: Tensor, target: Tensor, normals: str = "cosine",
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-class MultiTaskLoss(nn.Module):
+class MultiTaskLoss(TaskOrderState, nn.Module):
     """Weighted sum of per-task losses.
 
     Args:
@@ -151,6 +152,9 @@ class MultiTaskLoss(nn.Module):
             ``L(final) + aux_weight * mean over aux outputs of L(aux)``.
         temperature: DWA temperature (2 in the paper).
 
+    The weights, log-variances and DWA state are indexed by task position; the state dict records
+    the task order, and loading the state of the same tasks in another order is a ``ValueError``.
+
     ``forward(preds, targets)`` accepts either ``{task: tensor}`` or the model output
     ``{"final": {...}, "aux": {name: {...}}}`` and returns ``(total, {task: loss})`` where each
     task's loss is its unweighted (final + aux) loss.
@@ -159,9 +163,7 @@ class MultiTaskLoss(nn.Module):
     def __init__(self, tasks: Sequence[str], weighting: str = "fixed", weights=None, normals: str = "cosine",
                  aux_weight: float = 1.0, temperature: float = 2.0, edge_pos_weight: float = 0.95):
         super().__init__()
-        tasks = tuple(tasks)
-        if not tasks or len(set(tasks)) != len(tasks):
-            raise ValueError(f"tasks must be a non-empty list of distinct names, got {tasks!r}")
+        tasks = tuple(check_task_names(tasks))
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; expected names from {TASKS}")

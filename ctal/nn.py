@@ -9,13 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-
-
-def _check_grid(size, name: str = "size") -> tuple[int, int]:
-    if (not isinstance(size, (tuple, list)) or len(size) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
-        raise ValueError(f"{name} must be a pair of positive ints (H, W), got {size!r}")
-    return int(size[0]), int(size[1])
+from ._checks import TaskOrderState, check_grid, check_task_names
 
 
 def _check_backend(name) -> str:
@@ -24,7 +18,7 @@ def _check_backend(name) -> str:
     return name
 
 
-class CrossTaskAffinity(nn.Module):
+class CrossTaskAffinity(TaskOrderState, nn.Module):
     """Cross-Task Affinity Learning on a fixed ``H x W`` grid.
 
     Per task ``t``: values ``v_t = proj_t(x_t)`` (3x3 conv, C -> C, with bias); one diffusion
@@ -32,14 +26,19 @@ class CrossTaskAffinity(nn.Module):
     ``weight (H*W, T, 3, 3)`` and ``bias (H*W,)``; output ``gamma * M v_t + (1 - gamma) * x_t``.
 
     Args:
-        tasks: task names (or their count; names are then ``"0"``, ``"1"``, ...).
+        tasks: task names (or their count; names are then ``"0"``, ``"1"``, ...): identifiers
+            or plain numbers, not attributes of ``nn.ModuleDict`` (see ``check_task_names``).
         channels: feature channels C of every task.
         size: the feature grid ``(H, W)`` the fusion weights are built for.
         gamma: blend of the propagated features (the paper uses 0.05).
         backend: any ``ctal.ops`` backend name, or ``"auto"``; a validated attribute, may be
             changed at any time (an unknown name is a ValueError naming the valid ones).
 
-    ``size`` is read-only: :meth:`resample` re-grids the fusion weights to another grid.
+    ``size`` is read-only: :meth:`resample` re-grids the fusion weights to another grid. The
+    state dict records the grid (``grid_size``) and the task order (``task_order``): the fusion
+    weight is indexed by query pixel and task position, so loading the state of another grid or
+    of the same tasks in another order is a ``ValueError`` (states saved without these records
+    still load).
     """
 
     def __init__(self, tasks: Union[Sequence[str], int], channels: int, size: tuple[int, int],
@@ -49,16 +48,13 @@ class CrossTaskAffinity(nn.Module):
             tasks = [str(i) for i in range(tasks)]
         if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence):
             raise ValueError(f"tasks must be a list of task names or a positive count, got {tasks!r}")
-        tasks = list(tasks)
-        if (not tasks or len(set(tasks)) != len(tasks)
-                or not all(isinstance(t, str) and t for t in tasks)):
-            raise ValueError(f"tasks must be a non-empty list of distinct names, got {tasks!r}")
+        tasks = check_task_names(tasks)
         if not isinstance(channels, int) or isinstance(channels, bool) or channels <= 0:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
         if (not isinstance(gamma, (int, float)) or isinstance(gamma, bool)
                 or not 0.0 <= float(gamma) <= 1.0):
             raise ValueError(f"gamma must be a number in [0, 1] (the paper uses 0.05), got {gamma!r}")
-        self._size = _check_grid(size)
+        self._size = check_grid(size)
         self._backend = _check_backend(backend)
         self.tasks = tasks
         self.channels = channels
@@ -102,7 +98,7 @@ class CrossTaskAffinity(nn.Module):
         neighbouring queries are blended. Fine-tune after resampling. New ``nn.Parameter``
         objects replace ``weight`` and ``bias``, so create the optimizer afterwards.
         """
-        H1, W1 = _check_grid(size)
+        H1, W1 = check_grid(size)
         H0, W0 = self._size
         if (H0, W0) == (H1, W1):
             return self

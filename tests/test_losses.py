@@ -127,3 +127,24 @@ def test_deep_supervision_and_errors():
         MultiTaskLoss(["depth", "semseg"], weights=[1.0])
     with pytest.raises(KeyError, match="semseg"):
         MultiTaskLoss(["semseg", "depth"])({"depth": preds["depth"]}, targets)
+
+
+def test_state_of_another_task_order_is_refused():
+    """The loss state (static / DWA weights, uncertainty log-variances, loss history) is indexed by
+    task position: loading it into the same tasks in another order would swap the weights."""
+    crit = MultiTaskLoss(["semseg", "depth"], weighting="uncertainty", weights={"semseg": 2.0})
+    swapped = MultiTaskLoss(["depth", "semseg"], weighting="uncertainty", weights={"semseg": 2.0})
+    with pytest.raises(ValueError, match=r"saved for the tasks \['semseg', 'depth'\] \(in this order\), "
+                                         r"this MultiTaskLoss has \['depth', 'semseg'\]"):
+        swapped.load_state_dict(crit.state_dict())
+    same = MultiTaskLoss(["semseg", "depth"], weighting="uncertainty", weights={"semseg": 2.0})
+    same.load_state_dict(crit.state_dict())
+    old = {k: v for k, v in crit.state_dict().items() if k != "task_order"}
+    with pytest.warns(UserWarning, match="no task-order record"):
+        same.load_state_dict(old)
+
+
+@pytest.mark.parametrize("bad", ["keys", "type", "training", "items", "values", "a.b", "", 3, None])
+def test_task_names_that_collide_with_module_attributes_are_refused(bad):
+    with pytest.raises((ValueError, TypeError), match=r"tasks\[1\] .*task name"):
+        MultiTaskLoss(["depth", bad])

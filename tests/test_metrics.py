@@ -426,3 +426,67 @@ def test_build_meters_and_multitask_meter():
     r = mm.compute()
     assert r["semseg"]["pixel_acc"] == pytest.approx(50.0)
     assert r["depth"]["abs_err"] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_meters_convert_numpy_arrays():
+    """Numpy predictions / targets are converted (same numbers as the tensors); other types are a
+    TypeError naming the argument."""
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 2.0]]]])
+    target = torch.tensor([[[0, 0]]])
+    a, b = SegMeter(2), SegMeter(2)
+    a.update(logits, target)
+    b.update(logits.numpy(), target.numpy())
+    assert torch.equal(a.confusion, b.confusion)
+    d = DepthMeter()
+    d.update(np.ones((1, 1, 1, 2), np.float32), np.full((1, 1, 1, 2), 2.0))
+    assert d.compute()["abs_err"] == pytest.approx(1.0)
+    s = SaliencyMeter()
+    s.update(np.zeros((1, 1, 1, 2), np.float32), np.array([[[[1.0, 0.0]]]]))
+    with pytest.raises(TypeError, match=r"SegMeter.update: `pred` must be a torch.Tensor or a numpy array, got list"):
+        SegMeter(2).update([[0, 1]], target)
+    with pytest.raises(TypeError, match=r"NormalsMeter.update: `target` must be a torch.Tensor or a numpy array, got str"):
+        NormalsMeter().update(torch.zeros(1, 3, 1, 1), "normals.png")
+
+
+def test_seg_meter_class_count_must_be_an_int():
+    for bad in (True, False, 2.5, "13", None):
+        with pytest.raises(TypeError, match=r"SegMeter: num_classes must be an int \(the class count\)"):
+            SegMeter(bad)
+    with pytest.raises(ValueError, match=r"SegMeter: num_classes must be >= 1, got 0"):
+        SegMeter(0)
+    assert SegMeter(np.int64(3)).num_classes == 3
+    for bad in (True, 2.7):  # int() would have made these 1 and 2 classes
+        with pytest.raises(TypeError, match="num_classes"):
+            build_meters(["semseg"], {"semseg": bad})
+
+
+def test_meters_refuse_inputs_without_a_batch_dimension():
+    with pytest.raises(ValueError, match=r"SegMeter.update: `target` must be \(B, H, W\) class ids.*got shape \(2, 3\)"):
+        SegMeter(3).update(torch.zeros(3, 2, 3), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"SegMeter.update: `target` must be \(B, H, W\)"):
+        SegMeter(3).update(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
+    # (C, H, W) logits against a batch of one: named as a shape mismatch, not as non-integer ids
+    with pytest.raises(ValueError, match=r"SegMeter.update: `pred` \(3, 2, 3\) does not fit `target` \(1, 2, 3\).*"
+                                         r"\(B, 3, H, W\) logits or \(B, H, W\) class ids"):
+        SegMeter(3).update(torch.randn(3, 2, 3), torch.zeros(1, 2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"DepthMeter.update: `pred` must be \(B, 1, H, W\) or \(B, H, W\), got shape \(2, 3\)"):
+        DepthMeter().update(torch.ones(2, 3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"NormalsMeter.update: `pred` must be \(B, 3, H, W\), got shape \(3, 2, 2\)"):
+        NormalsMeter().update(torch.ones(3, 2, 2), torch.ones(3, 2, 2))
+    with pytest.raises(ValueError, match=r"SaliencyMeter.update: `pred` must be \(B, 1, H, W\) or \(B, H, W\), got shape \(2, 2\)"):
+        SaliencyMeter().update(torch.zeros(2, 2), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"EdgeMeter.update: `target` must be \(B, 1, H, W\) or \(B, H, W\), got shape \(2, 2\)"):
+        EdgeMeter(thresholds=3).update(torch.zeros(1, 2, 2), torch.zeros(2, 2))
+
+
+def test_missing_tasks_are_named():
+    mm = MultiTaskMeter(["semseg", "depth"], {"semseg": 2})
+    pred = {"semseg": torch.zeros(1, 2, 1, 2), "depth": torch.ones(1, 1, 1, 2)}
+    target = {"semseg": torch.zeros(1, 1, 2, dtype=torch.long), "depth": torch.ones(1, 1, 1, 2)}
+    with pytest.raises(ValueError, match=r"no prediction for task 'depth'.*predictions have \['semseg'\]"):
+        mm.update({"semseg": pred["semseg"]}, target)
+    with pytest.raises(ValueError, match=r"no target for task 'semseg'.*targets have \['depth'\]"):
+        mm.update({"final": pred, "aux": {}}, {"depth": target["depth"], "meta": {}})
+    with pytest.raises(ValueError, match=r"tasks.*distinct"):
+        build_meters(["depth", "depth"])

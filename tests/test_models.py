@@ -477,16 +477,19 @@ def test_hrnet_loader_official_layout(tmp_path):
                                                           "final_layer", "classifier"}
     assert torch.equal(backbone.body.stage4[1].branches[3][1].conv2.weight,
                        full.stage4[1].branches[3][1].conv2.weight)
-    # A file from another network: missing and unexpected keys are reported, not hidden.
+    # A file that lacks tensors: the missing keys are reported, not hidden.
     bad = dict(full.state_dict())
     bad.pop("conv1.weight")
-    bad["stage5.0.weight"] = torch.zeros(3)
     with pytest.warns(UserWarning, match="partly loaded.*MISSING"):  # said, not only stored
         report = load_hrnet_weights(HRNetBackbone(), bad)
-    assert "conv1.weight" in report.missing and "stage5.0.weight" in report.unexpected
+    assert "conv1.weight" in report.missing and not report.unexpected
     assert not report.ok and "MISSING" in str(report)
     with pytest.raises(RuntimeError, match="do not fit"):
         load_hrnet_weights(HRNetBackbone(), bad, strict=True)
+    # A file with tensors the backbone has no place for is from another network: an error.
+    bad["stage5.0.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="holds 1 tensors this backbone does not have, e.g. stage5.0.weight"):
+        load_hrnet_weights(HRNetBackbone(), bad)
     with pytest.raises(FileNotFoundError):
         HRNetBackbone(weights=tmp_path / "absent.pth")
 
@@ -574,3 +577,77 @@ def test_ctalnet_class_direct_use():
                     ctal_backend="linear")
     assert model.ctal.affinity.gamma == 0.1 and model.ctal.backend == "linear"
     assert model.ctal.affinity.size == (8, 16)
+
+
+# ------------------------------------------------------------------------ task order in the state
+TWO_TASKS = ["semseg", "depth"]
+ORDER_CASES = [("ctal", HRNET), ("m_ctal", HRNET), ("papnet", HRNET), ("mti_net", HRNET), ("sca", HRNET),
+               ("cross_stitch", "resnet18"), ("nddr_cnn", "resnet18")]
+
+
+@pytest.mark.parametrize("name,backbone", ORDER_CASES)
+def test_state_of_another_task_order_is_refused(name, backbone):
+    """These models hold tensors indexed by task position (CTAL fusion weights, PAP task weights,
+    cross-stitch / NDDR mixing, FPM / SCA concatenations): a state dict of the same tasks in
+    another order matches every key and shape, so only a recorded order can refuse it."""
+    torch.manual_seed(0)
+    a = build_model(name, TWO_TASKS, {"semseg": 3}, (64, 64), backbone=backbone)
+    b = build_model(name, TWO_TASKS[::-1], {"semseg": 3}, (64, 64), backbone=backbone)
+    sd = a.state_dict()
+    assert sd["task_order"].dtype == torch.uint8
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"saved for the tasks \['semseg', 'depth'\] \(in this order\), "
+                                             r"this \w+ has \['depth', 'semseg'\]"):
+            b.load_state_dict(sd, strict=strict)
+    build_model(name, TWO_TASKS, {"semseg": 3}, (64, 64), backbone=backbone).load_state_dict(sd)
+
+
+def test_ctal_model_state_without_task_order_still_loads():
+    a = build_model("ctal", TWO_TASKS, {"semseg": 3}, (64, 64))
+    old = {k: v for k, v in a.state_dict().items() if not k.endswith("task_order")}
+    with pytest.warns(UserWarning, match="no task-order record"):
+        build_model("ctal", TWO_TASKS, {"semseg": 3}, (64, 64)).load_state_dict(old)
+
+
+@pytest.mark.parametrize("name,backbone", [("stl", HRNET), ("hps", HRNET), ("padnet", HRNET), ("mtan", "resnet18")])
+def test_models_without_positional_task_tensors_load_any_task_order(name, backbone):
+    """Every task tensor of these models is keyed by task name, so a state dict of the tasks in
+    another order is the same network: it loads and computes the same predictions."""
+    torch.manual_seed(0)
+    a = build_model(name, TWO_TASKS, {"semseg": 3}, (64, 64), backbone=backbone).eval()
+    b = build_model(name, TWO_TASKS[::-1], {"semseg": 3}, (64, 64), backbone=backbone).eval()
+    assert not a.task_order_sensitive
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ya, yb = a(x)["final"], b(x)["final"]
+    for t in TWO_TASKS:
+        assert torch.equal(ya[t], yb[t])
+
+
+@pytest.mark.parametrize("bad", ["keys", "type", "training", "items", "values", "a.b", "", 3, None])
+def test_build_model_refuses_task_names_that_collide_with_module_attributes(bad):
+    with pytest.raises((ValueError, TypeError), match=r"tasks\[1\] .*task name"):
+        build_model("hps", ["semseg", bad], {"semseg": 3}, SIZE)
+    from ctal.models import HardSharingNet
+    with pytest.raises((ValueError, TypeError), match=r"tasks\[1\] .*task name"):
+        HardSharingNet(["semseg", bad], {"semseg": 3, bad: 1}, SIZE)
+
+
+def test_weight_files_of_a_deeper_variant_are_errors():
+    """ResNet-34 / Swin-v2-S hold every tensor of ResNet-18 / Swin-v2-T under the same names and
+    shapes (they only have more blocks): loading one would fill the shallower backbone with
+    blocks trained inside another network. The extra tensors give it away."""
+    import torchvision.models as tvm
+    from ctal.models import load_resnet_weights
+    with torch.device("meta"):  # the check runs before any copy
+        r34 = tvm.resnet34().state_dict()
+        s = tvm.swin_v2_s().state_dict()
+        with pytest.raises(ValueError, match=r"<state dict>: holds \d+ tensors this backbone does not have, "
+                                             r"e.g. layer1.2.conv1.weight"):
+            ResNetBackbone("resnet18", weights=r34)
+        with pytest.raises(ValueError, match=r"holds \d+ tensors this backbone does not have.*another network"):
+            SwinBackbone("swin_v2_t", weights=s)
+        with pytest.raises(ValueError, match="holds 1 tensors this backbone does not have"):
+            load_resnet_weights(ResNetBackbone("resnet18"), {**tvm.resnet18().state_dict(),
+                                                             "layer5.0.weight": torch.zeros(3)}, strict=False)

@@ -159,3 +159,42 @@ def test_backend_is_a_validated_attribute():
     with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \[.*'reference'"):
         mod.backend = "nope"
     assert mod.backend == "reference"
+
+
+def test_state_dict_records_the_task_order():
+    """The fusion weight is indexed by task position: weights of ["a", "b", "c"] have the shape of
+    ["b", "a", "c"]'s, and loading them there would pair each task with another's kernels."""
+    torch.manual_seed(0)
+    a = ctal.CrossTaskAffinity(["a", "b", "c"], 4, (3, 4), backend="reference")
+    sd = a.state_dict()
+    assert all(torch.is_tensor(v) for v in sd.values())  # tools that expect tensor-only state dicts
+    swapped = ctal.CrossTaskAffinity(["b", "a", "c"], 4, (3, 4))
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"saved for the tasks \['a', 'b', 'c'\] \(in this order\), "
+                                             r"this CrossTaskAffinity has \['b', 'a', 'c'\]"):
+            swapped.load_state_dict(sd, strict=strict)
+    # the same order loads and computes the same function
+    same = ctal.CrossTaskAffinity(["a", "b", "c"], 4, (3, 4), backend="reference")
+    same.load_state_dict(sd)
+    x = torch.randn(1, 3, 4, 3, 4)
+    with torch.no_grad():
+        assert torch.equal(same(x), a(x))
+    # another set of tasks: the per-task keys differ (strict error); strict=False transfers the rest
+    other = ctal.CrossTaskAffinity(["a", "b", "d"], 4, (3, 4))
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"proj.d.weight\""):
+        other.load_state_dict(sd)
+    result = other.load_state_dict(sd, strict=False)
+    assert result.unexpected_keys == ["proj.c.weight", "proj.c.bias"] and torch.equal(other.weight, a.weight)
+    # a state dict saved before the order was recorded still loads strictly, with a warning
+    old = {k: v for k, v in sd.items() if k != "task_order"}
+    with pytest.warns(UserWarning, match="no task-order record"):
+        same.load_state_dict(old)
+    # the record is no buffer (nothing for .to() / DDP to move) and outlives half() and resample
+    assert "task_order" not in dict(a.named_buffers())
+    assert torch.equal(a.half().float().resample((2, 2)).state_dict()["task_order"], sd["task_order"])
+
+
+@pytest.mark.parametrize("bad", ["keys", "type", "training", "items", "values", "a.b", "", 3, None, "x y"])
+def test_task_names_that_collide_with_module_attributes_are_refused(bad):
+    with pytest.raises((ValueError, TypeError), match=r"tasks\[1\] .*task name"):
+        ctal.CrossTaskAffinity(["semseg", bad], 3, (4, 4))

@@ -254,6 +254,25 @@ def test_single_task_initialization_errors(stl_checkpoints):
         t: len(model.backbones[t].state_dict()) + len(model.heads[t].state_dict()) for t in TWO}
 
 
+
+def test_single_task_initialization_refuses_networks_that_are_not_single_task(stl_checkpoints):
+    """A multitask model's tensors fit the single-task columns (same names, same shapes) but were
+    trained jointly: a shared HPS backbone, or Cross-Stitch columns trained with stitching. Copying
+    them would be a silent change of method, so only single-task layouts are accepted."""
+    model = CrossStitchNet(list(TWO), TWO, (64, 64), backbone="resnet18")
+    hps = HardSharingNet(list(TWO), TWO, (64, 64), backbone="resnet18").state_dict()
+    with pytest.raises(ValueError, match=r"shared 'backbone\.\*'.*heads of 2 tasks \['semseg', 'depth'\]"):
+        init_from_single_task(model, {t: hps for t in TWO})
+    stitched = CrossStitchNet(list(TWO), TWO, (64, 64), backbone="resnet18").state_dict()
+    with pytest.raises(ValueError, match=r"not a single-task network.*'cross_stitch\."):
+        init_from_single_task(model, {t: stitched for t in TWO})
+    mtan = MTAN(list(TWO), TWO, (64, 64), backbone="resnet18").state_dict()
+    with pytest.raises(ValueError, match=r"not a single-task network.*'attention\."):
+        init_from_single_task(model, {"semseg": mtan, "depth": stl_checkpoints["depth"]})
+    # a one-task hard-sharing net is a single-task network
+    one = HardSharingNet(["depth"], {"depth": 1}, (64, 64), backbone="resnet18").state_dict()
+    assert init_from_single_task(model, {"semseg": stl_checkpoints["semseg"], "depth": one})["depth"] > 0
+
 # --- learning-rate scheme of the mixing parameters ----------------------------------------------
 
 @pytest.mark.parametrize("cls,prefix", [(CrossStitchNet, "cross_stitch."), (NDDRNet, "nddr.")])

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._checks import check_task_names
 from ..tasks import TASKS
 from .transforms import Normalize, Resize, as_size, build_augmentation
 
@@ -111,15 +112,13 @@ def select_tasks(tasks: Optional[Iterable[str]], available: Sequence[str], defau
         return tuple(default)
     if isinstance(tasks, str):
         tasks = [tasks]
-    tasks = tuple(tasks)
+    tasks = tuple(check_task_names(tasks))
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; ctal tasks are {TASKS}")
     missing = [t for t in tasks if t not in available]
     if missing:
         raise ValueError(f"dataset {dataset!r} has no {missing}; it provides {tuple(available)}")
-    if not tasks or len(set(tasks)) != len(tasks):
-        raise ValueError(f"tasks must be a non-empty list of distinct names, got {tasks!r}")
     return tasks
 
 

@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from ..tasks import TASKS
-from ._checks import finite_number
+from .._checks import check_task_names
+from ._checks import check_class_count, finite_number
 from .edge import EDGE_MAX_DIST, EdgeMeter
 from .regression import DepthMeter, NormalsMeter
 from .saliency import SaliencyMeter
 from .segmentation import SegMeter
 
 __all__ = ["SegMeter", "DepthMeter", "NormalsMeter", "SaliencyMeter", "EdgeMeter", "EDGE_MAX_DIST",
-           "build_meters", "MultiTaskMeter", "delta_m", "load_baselines", "save_baselines",
+           "build_meters", "update_meters", "MultiTaskMeter", "delta_m", "load_baselines", "save_baselines",
            "HIGHER_IS_BETTER", "DEFAULT_DELTA_METRICS"]
 
 # direction of every reported metric, as "task/metric"
@@ -42,15 +43,17 @@ DEFAULT_DELTA_METRICS = {
 def build_meters(tasks: Sequence[str], num_classes: Optional[Mapping[str, int]] = None,
                  dataset: Optional[str] = None, edge_max_dist: Optional[float] = None,
                  edge_thresholds=99) -> dict:
-    """One meter per task. ``num_classes`` is required for semseg / human_parts; the edge
-    tolerance is ``edge_max_dist``, else the literature's value for ``dataset``, else 0.0075."""
+    """One meter per task. ``num_classes`` (ints) is required for semseg / human_parts; the edge
+    tolerance is ``edge_max_dist``, else the literature's value for ``dataset``, else 0.0075.
+    Feed them with :func:`update_meters`, which names a task missing from a batch."""
+    tasks = check_task_names(tasks)
     num_classes = dict(num_classes or {})
     meters = {}
     for t in tasks:
         if t in ("semseg", "human_parts"):
             if t not in num_classes:
                 raise ValueError(f"build_meters: num_classes[{t!r}] is required")
-            meters[t] = SegMeter(int(num_classes[t]))
+            meters[t] = SegMeter(check_class_count(f"build_meters: num_classes[{t!r}]", num_classes[t]))
         elif t == "depth":
             meters[t] = DepthMeter()
         elif t == "normals":
@@ -65,6 +68,27 @@ def build_meters(tasks: Sequence[str], num_classes: Optional[Mapping[str, int]] 
     return meters
 
 
+def update_meters(meters: Mapping, preds: Mapping, targets: Mapping, where: str = "update_meters") -> None:
+    """``meters[t].update(preds[t], targets[t])`` for every task of ``meters`` (``preds`` may be
+    the model's ``{"final": ...}`` output). A task without a prediction or a target is a
+    ``ValueError`` naming it and what is there, raised before any meter is updated."""
+    if not isinstance(preds, Mapping) or not isinstance(targets, Mapping):
+        raise TypeError(f"{where}: predictions and targets must be dicts task -> tensor, got "
+                        f"{type(preds).__name__} and {type(targets).__name__}")
+    if "final" in preds and isinstance(preds["final"], Mapping):
+        preds = preds["final"]
+    for t in meters:
+        if t not in preds:
+            raise ValueError(f"{where}: no prediction for task {t!r}; the predictions have {sorted(preds)}, "
+                             f"the meters need {list(meters)}")
+        if t not in targets:
+            have = sorted(k for k in targets if k not in ("image", "meta"))
+            raise ValueError(f"{where}: no target for task {t!r}; the targets have {have}, the meters "
+                             f"need {list(meters)}")
+    for t, m in meters.items():
+        m.update(preds[t], targets[t])
+
+
 class MultiTaskMeter:
     """Convenience wrapper: ``update(preds, targets)`` with task dicts (or the model's
     ``{"final": ...}`` output); ``compute()`` -> ``{task: {metric: value}}``."""
@@ -77,10 +101,7 @@ class MultiTaskMeter:
             m.reset()
 
     def update(self, preds: Mapping, targets: Mapping) -> None:
-        if "final" in preds and isinstance(preds["final"], Mapping):
-            preds = preds["final"]
-        for t, m in self.meters.items():
-            m.update(preds[t], targets[t])
+        update_meters(self.meters, preds, targets, where="MultiTaskMeter.update")
 
     def compute(self) -> dict:
         return {t: m.compute() for t, m in self.meters.items()}

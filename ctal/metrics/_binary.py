@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._checks import check_finite, check_values_in
+from ._checks import as_tensor, check_finite, check_rank, check_values_in
 
 
 def binary_maps(meter: str, pred: Tensor, target: Tensor, from_logits: bool,
@@ -14,8 +14,11 @@ def binary_maps(meter: str, pred: Tensor, target: Tensor, from_logits: bool,
 
     ``target`` must hold 0, 1 or ``ignore_value`` (the loaders' float {0, 1} maps with 255 =
     ignore); soft targets or NaN are errors. ``pred`` must be finite on valid pixels, and within
-    [0, 1] when it holds probabilities."""
+    [0, 1] when it holds probabilities. Numpy arrays are converted."""
     where = f"{meter}.update"
+    pred, target = as_tensor(where, "pred", pred), as_tensor(where, "target", target)
+    check_rank(where, "pred", pred, (3, 4), "(B, 1, H, W) or (B, H, W)")
+    check_rank(where, "target", target, (3, 4), "(B, 1, H, W) or (B, H, W)")
     if pred.dim() == 3:
         pred = pred.unsqueeze(1)
     if target.dim() == 3:

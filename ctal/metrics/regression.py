@@ -7,10 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_finite
+from ._checks import as_tensor, check_finite, check_rank
 
 
 def _check(pred: Tensor, target: Tensor, channels: int, name: str):
+    where = f"{name}.update"
+    pred, target = as_tensor(where, "pred", pred), as_tensor(where, "target", target)
+    # A (B, H, W) map is read as one channel; a normal map always needs its channel axis.
+    ranks, expected = ((3, 4), "(B, 1, H, W) or (B, H, W)") if channels == 1 else ((4,), f"(B, {channels}, H, W)")
+    check_rank(where, "pred", pred, ranks, expected)
+    check_rank(where, "target", target, ranks, expected)
     if pred.dim() == 3:
         pred = pred.unsqueeze(1)
     if target.dim() == 3:

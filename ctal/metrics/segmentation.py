@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ..tasks import IGNORE_INDEX
-from ._checks import check_finite, check_integer_valued
+from ._checks import as_tensor, check_class_count, check_finite, check_integer_valued, check_rank
 
 
 class SegMeter:
@@ -13,7 +13,9 @@ class SegMeter:
 
     ``update(pred, target)``: ``pred`` is logits ``(B, C, H, W)`` (argmax over C) or class ids
     ``(B, H, W)``; ``target`` is ``(B, H, W)`` with ``ignore_index`` for void. Float targets must
-    be integer-valued (never truncated) and logits finite on non-void pixels, else ``ValueError``.
+    be integer-valued (never truncated) and logits finite on non-void pixels, else ``ValueError``;
+    so is a missing batch dimension. Numpy arrays are converted; other types are a ``TypeError``,
+    as is a ``num_classes`` that is not an int (``True``, ``2.5``).
 
     ``compute()`` returns (in percent): ``mIoU`` = mean over classes that occur in the truth or the
     prediction of ``TP / (TP + FP + FN)`` (a class absent from both has no defined IoU and is
@@ -24,9 +26,7 @@ class SegMeter:
     higher_is_better = {"mIoU": True, "pixel_acc": True}
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        self.num_classes = num_classes
+        self.num_classes = check_class_count("SegMeter: num_classes", num_classes)
         self.ignore_index = ignore_index
         self.reset()
 
@@ -35,22 +35,29 @@ class SegMeter:
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
-        if target.dim() == 4 and target.shape[1] == 1:
+        where, C = "SegMeter.update", self.num_classes
+        pred, target = as_tensor(where, "pred", pred), as_tensor(where, "target", target)
+        target_shape = "(B, H, W) class ids (or (B, 1, H, W))"
+        check_rank(where, "target", target, (3, 4), target_shape)
+        if target.dim() == 4:
+            if target.shape[1] != 1:
+                raise ValueError(f"{where}: `target` must be {target_shape}, got shape {tuple(target.shape)}")
             target = target[:, 0]
-        check_integer_valued("SegMeter.update", "target", target,
-                             f"integer class ids in [0, {self.num_classes}) or ignore_index {self.ignore_index}")
+        pred_shape = f"(B, {C}, H, W) logits or (B, H, W) class ids"
+        check_rank(where, "pred", pred, (3, 4), pred_shape)
+        if pred.dim() == 4 and pred.shape[1] != C:
+            raise ValueError(f"SegMeter: prediction has {pred.shape[1]} channels, expected {C}")
+        if (pred.shape[:1] + pred.shape[2:] if pred.dim() == 4 else pred.shape) != target.shape:
+            raise ValueError(f"{where}: `pred` {tuple(pred.shape)} does not fit `target` {tuple(target.shape)}: "
+                             f"pred must be {pred_shape} for a (B, H, W) target")
+        check_integer_valued(where, "target", target,
+                             f"integer class ids in [0, {C}) or ignore_index {self.ignore_index}")
         if pred.dim() == 4:
-            if pred.shape[1] != self.num_classes:
-                raise ValueError(f"SegMeter: prediction has {pred.shape[1]} channels, expected {self.num_classes}")
-            if pred.shape[:1] + pred.shape[2:] != target.shape:
-                raise ValueError(f"SegMeter: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
             if pred.is_floating_point():
-                check_finite("SegMeter.update", "pred", pred, (target != self.ignore_index).unsqueeze(1), "logits")
+                check_finite(where, "pred", pred, (target != self.ignore_index).unsqueeze(1), "logits")
             pred = pred.argmax(1)
         else:
-            check_integer_valued("SegMeter.update", "pred", pred, f"integer class ids in [0, {self.num_classes})")
-        if pred.shape != target.shape:
-            raise ValueError(f"SegMeter: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+            check_integer_valued(where, "pred", pred, f"integer class ids in [0, {C})")
         pred = pred.reshape(-1).long().cpu()
         target = target.reshape(-1).long().cpu()
         valid = target != self.ignore_index

@@ -10,7 +10,8 @@ stride 8 when dilated, the default) and can also run stage by stage (Cross-Stitc
 Weights never download implicitly: ``pretrained=False`` is the default everywhere. ``pretrained=True``
 asks the library (timm / torchvision) to download its ImageNet weights and, when that fails
 (offline machine), raises an error that says which file to fetch and where to pass it.
-``weights="path/to/file"`` loads a local file and reports missing / unexpected keys.
+``weights="path/to/file"`` loads a local file and reports missing keys; tensors the backbone has
+no place for (beyond the classifier) mean a file of another network and are an error.
 """
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ _SWIN_HEAD_PREFIXES = ("head.",)
 @dataclasses.dataclass
 class LoadReport:
     """What a weight loader did: keys the model expected but the file lacked (``missing``), keys
-    of the file the model has no place for (``unexpected``), and classification-head keys that
-    were dropped on purpose (``ignored``). ``ok`` is True when nothing is missing or unexpected."""
+    of the file the model has no place for (``unexpected``; the loaders refuse such files, so it
+    stays empty), and classification-head keys that were dropped on purpose (``ignored``). ``ok``
+    is True when nothing is missing or unexpected."""
     source: str
     loaded: int
     missing: list[str]
@@ -96,6 +98,16 @@ def _load(module: nn.Module, sd: dict, source: str, head_prefixes: Sequence[str]
                       for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if shape_mismatch:
         raise ValueError(f"{source}: shapes do not match this backbone: {shape_mismatch[:5]}")
+    # Tensors the backbone has no place for (beyond the classifier) mean a file of another
+    # network; a deeper variant of the same family (ResNet-34 for ResNet-18, Swin-v2-S for -T)
+    # has every tensor of the shallower one under the same name and shape, so the rest would
+    # load without any error, each block trained inside a different network.
+    extra = [k for k in sd if k not in own]
+    if extra and sum(k in own for k in sd):
+        raise ValueError(f"{source}: holds {len(extra)} tensors this backbone does not have, e.g. "
+                         f"{', '.join(extra[:3])}: it is a file of another network (a deeper variant?), "
+                         f"whose other tensors would load into a different architecture. Pass the file "
+                         f"of this backbone (or a dict without those keys, to load the rest on purpose).")
     result = module.load_state_dict(sd, strict=False)
     # BN step counters are absent from old checkpoints and carry no weights.
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
@@ -164,7 +176,8 @@ def load_hrnet_weights(backbone: HRNetBackbone, weights: Union[str, os.PathLike,
 
     The classification head (``incre_modules``, ``downsamp_modules``, ``final_layer``,
     ``classifier``) is dropped and listed in ``report.ignored``; a ``module.`` prefix is stripped.
-    Missing / unexpected keys are returned in the report (and raise with ``strict=True``).
+    Missing keys are returned in the report (and raise with ``strict=True``); tensors the backbone
+    has no place for are a ValueError.
     """
     sd, source = _read_state_dict(weights)
     return _load(backbone.body, sd, source, _HRNET_HEAD_PREFIXES, strict)
@@ -248,7 +261,8 @@ def _swin_weights_enum(variant: str):
 def load_swin_weights(backbone: SwinBackbone, weights: Union[str, os.PathLike, dict],
                       strict: bool = False) -> LoadReport:
     """Load a torchvision Swin-v2 ImageNet weight file (e.g. ``swin_v2_s-637d8ceb.pth``) into
-    ``backbone``; the ``head.*`` classifier is dropped, missing/unexpected keys are reported."""
+    ``backbone``; the ``head.*`` classifier is dropped, missing keys are reported, tensors of
+    another network (e.g. a Swin-v2-S file for Swin-v2-T) are an error."""
     sd, source = _read_state_dict(weights)
     return _load(backbone, sd, source, _SWIN_HEAD_PREFIXES, strict)
 
@@ -331,7 +345,8 @@ class ResNetBackbone(nn.Module):
         dilated: replace the strides of layer3/layer4 by dilation 2/4 (output stride 8).
         pretrained: load torchvision's ImageNet weights (download; a clear error when offline).
         weights: a local torchvision ResNet weight file or state dict (``fc.*`` is dropped and
-            missing / unexpected keys are reported in ``self.load_report``).
+            missing keys are reported in ``self.load_report``; tensors of another network,
+            e.g. a ResNet-34 file, are an error).
     """
 
     def __init__(self, depth: Union[int, str] = 50, dilated: bool = True, pretrained: bool = False,
@@ -403,7 +418,8 @@ class ResNetBackbone(nn.Module):
 def load_resnet_weights(backbone: ResNetBackbone, weights: Union[str, os.PathLike, dict],
                         strict: bool = False) -> LoadReport:
     """Load a torchvision ResNet state dict / file (e.g. ``resnet50-0676ba61.pth``) into
-    ``backbone``; the classifier ``fc.*`` is dropped, missing / unexpected keys are reported."""
+    ``backbone``; the classifier ``fc.*`` is dropped, missing keys are reported, tensors of
+    another network (e.g. a ResNet-34 file) are an error."""
     sd, source = _read_state_dict(weights)
     return _load(backbone, sd, source, _RESNET_HEAD_PREFIXES, strict)
 

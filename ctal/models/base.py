@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import TaskOrderState, check_grid, check_task_names
 from ..tasks import TASKS
 
 __all__ = ["MultiTaskModel", "check_size"]
@@ -24,28 +25,31 @@ SIZE_MULTIPLE = 32
 
 
 def check_size(input_size, name: str = "input_size") -> tuple[int, int]:
-    if (not isinstance(input_size, (tuple, list)) or len(input_size) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_size)):
-        raise ValueError(f"{name} must be a pair of positive ints (H, W), got {input_size!r}")
-    H, W = int(input_size[0]), int(input_size[1])
+    """``input_size`` as ``(H, W)``: positive ints, both multiples of 32."""
+    H, W = check_grid(input_size, name)
     if H % SIZE_MULTIPLE or W % SIZE_MULTIPLE:
         raise ValueError(f"{name} {H}x{W}: both sides must be multiples of {SIZE_MULTIPLE} "
                          f"(the backbones reduce by 32)")
     return H, W
 
 
-class MultiTaskModel(nn.Module):
+class MultiTaskModel(TaskOrderState, nn.Module):
     """Base class: ``tasks`` (names from ``ctal.tasks.TASKS``), ``num_outputs`` (channels per
     task), ``input_size`` (the training grid). Subclasses set ``grid_bound = True`` when they have
-    parameters tied to the feature grid."""
+    parameters tied to the feature grid.
+
+    The state dict records the task order (``task_order``, see :class:`ctal._checks.TaskOrderState`).
+    Loading the state of the same tasks in another order is a ``ValueError``: most models hold
+    tensors indexed by task position (fusion weights, mixing units, concatenations in task
+    order) that would load without any key or shape error. Models whose every task tensor is
+    keyed by task name set ``task_order_sensitive = False`` and load any order."""
 
     grid_bound = False
+    task_order_sensitive = True
 
     def __init__(self, tasks: Sequence[str], num_outputs: Mapping[str, int], input_size):
         super().__init__()
-        tasks = list(tasks)
-        if not tasks or len(set(tasks)) != len(tasks):
-            raise ValueError(f"tasks must be a non-empty list of distinct task names, got {tasks!r}")
+        tasks = check_task_names(tasks)
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; expected names from {TASKS}")

@@ -47,6 +47,8 @@ class SingleTaskNet(MultiTaskModel):
     separately up to the loss weighting). ``aux`` is empty. ``dilated`` (ResNet backbones only,
     default True) chooses output stride 8 or 32."""
 
+    task_order_sensitive = False  # every task tensor is keyed by task name
+
     def __init__(self, tasks, num_outputs, input_size, backbone: str = "hrnet_w18_small_v2",
                  pretrained: bool = False, weights=None, dilated: Optional[bool] = None):
         super().__init__(tasks, num_outputs, input_size)
@@ -63,6 +65,8 @@ class SingleTaskNet(MultiTaskModel):
 class HardSharingNet(MultiTaskModel):
     """HPS: shared backbone, task-specific heads. ``aux`` is empty. ``dilated``: as
     :class:`SingleTaskNet`."""
+
+    task_order_sensitive = False  # every task tensor is keyed by task name
 
     def __init__(self, tasks, num_outputs, input_size, backbone: str = "hrnet_w18_small_v2",
                  pretrained: bool = False, weights=None, dilated: Optional[bool] = None):
@@ -110,6 +114,8 @@ class MultiTaskDistillation(nn.Module):
 class PADNet(MultiTaskModel):
     """PAD-Net (Xu et al. 2018) as the CTAL paper builds it; ``aux["initial"]`` are the initial
     predictions."""
+
+    task_order_sensitive = False  # every task tensor is keyed by task name (distillation by task pair)
 
     def __init__(self, tasks, num_outputs, input_size, backbone: str = "hrnet_w18_small_v2",
                  pretrained: bool = False, weights=None, channels: int = 256):

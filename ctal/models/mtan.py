@@ -52,6 +52,8 @@ class MTAN(MultiTaskModel):
     ({layer1: bool, layer2: bool, layer3: bool}) overrides where the attention path is
     max-pooled; by default it follows the backbone's strides."""
 
+    task_order_sensitive = False  # every task tensor is keyed by task name
+
     def __init__(self, tasks, num_outputs, input_size, backbone: str = "resnet50", pretrained: bool = False,
                  weights=None, dilated: bool = True, downsample: Optional[Mapping[str, bool]] = None):
         super().__init__(tasks, num_outputs, input_size)

@@ -18,6 +18,7 @@ from typing import Mapping, Optional, Sequence
 
 from torch import nn
 
+from .._checks import check_task_names
 from ..tasks import output_channels
 from .backbones import BACKBONES, RESNET_BACKBONES, is_resnet
 from .baselines import HardSharingNet, MTINet, PADNet, PAPNet, SingleTaskNet
@@ -94,8 +95,7 @@ def build_model(name: str, tasks: Sequence[str], num_classes: Optional[Mapping[s
     if (name in _RESNET_MODELS) != is_resnet(backbone):
         raise ValueError(f"{name} with backbone {backbone!r}: the ResNet backbones are used by "
                          f"{_RESNET_MODELS} only, and those need one of {RESNET_BACKBONES}")
-    if isinstance(tasks, (str, bytes)) or not tasks or len(set(tasks)) != len(tasks):
-        raise ValueError(f"tasks must be a non-empty list of distinct task names, got {tasks!r}")
+    tasks = check_task_names(tasks)
     if not isinstance(pretrained, bool):
         raise ValueError(f"pretrained must be True or False, got {pretrained!r}")
     num_classes = dict(num_classes or {})
@@ -103,6 +103,6 @@ def build_model(name: str, tasks: Sequence[str], num_classes: Optional[Mapping[s
     kwargs = dict(backbone=backbone, pretrained=pretrained, **kw)
     if name in _CTAL_MODELS:
         kwargs["ctal_backend"] = ctal_backend
-    model = MODELS[name](list(tasks), num_outputs, input_size, **kwargs)
+    model = MODELS[name](tasks, num_outputs, input_size, **kwargs)
     model.model_name = name
     return model

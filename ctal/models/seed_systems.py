@@ -22,6 +22,7 @@ from typing import Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from .._checks import TASK_ORDER_KEY
 from .cross_stitch import StitchedResNets
 
 __all__ = ["init_from_single_task", "param_groups", "load_model_state"]
@@ -50,11 +51,26 @@ def _task_tensors(sd: Mapping, task: str) -> dict:
     """The task's backbone and head tensors of a single-task state dict, renamed to
     ``backbone.*`` / ``head.*``. Accepted layouts: ``SingleTaskNet`` (``backbones.<task>.*``,
     ``heads.<task>.*``, any set of tasks) and a one-task hard-sharing net (``backbone.*``,
-    ``heads.<task>.*``)."""
+    ``heads.<task>.*``).
+
+    Multitask networks have the same names and shapes in their task columns (Cross-Stitch,
+    NDDR-CNN: ``backbones.<task>``; HPS, MTAN: a shared ``backbone``) but were trained jointly;
+    they are refused, since copying them would silently change the method."""
+    other = [k for k in sd if not k.startswith(("backbones.", "backbone.", "heads.")) and k != TASK_ORDER_KEY]
+    if other:
+        raise ValueError(f"the source for {task!r} is not a single-task network: it holds tensors a "
+                         f"single-task network does not have, e.g. {other[:3]} ({len(other)} in all); pass the "
+                         f"state of a single-task model (model 'stl' / 'stl_resnet')")
     head = {k[len(f"heads.{task}."):]: v for k, v in sd.items() if k.startswith(f"heads.{task}.")}
     bb = {k[len(f"backbones.{task}."):]: v for k, v in sd.items() if k.startswith(f"backbones.{task}.")}
     if not bb:
         bb = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        head_tasks = list(dict.fromkeys(k.split(".")[1] for k in sd if k.startswith("heads.")))
+        if bb and len(head_tasks) > 1:
+            raise ValueError(f"the source for {task!r} has a shared 'backbone.*' trained with the heads of "
+                             f"{len(head_tasks)} tasks {head_tasks} (a hard-sharing multitask network), not "
+                             f"a single-task network; pass a single-task model's state (model 'stl' / "
+                             f"'stl_resnet', or a one-task 'hps' / 'hps_resnet')")
     if not bb or not head:
         tasks_seen = sorted({k.split(".")[1] for k in sd if k.startswith(("heads.", "backbones."))})
         raise KeyError(f"no single-task network for {task!r} in the source (expected keys "
