@@ -8,15 +8,28 @@
 
 ``--config`` takes a YAML path or the name of a packaged config in ctal/configs/. Trailing
 ``key.sub=value`` arguments override config entries (values are parsed as YAML).
+Bad input (config, files, data, a diverged run) is reported as one line; set CTAL_TRACEBACK=1
+for the full traceback.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from ctal import config as cfglib
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def parse(argv=None):
@@ -30,7 +43,8 @@ def parse(argv=None):
                     "holds checkpoints of an earlier run (they are replaced; without it such a run is refused)")
     ap.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the val split and exit")
     ap.add_argument("--checkpoint", default=None, help="weights for --eval-only (default: <output_dir>/best.pt)")
-    ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke tests)")
+    ap.add_argument("--max-steps-per-epoch", type=_positive_int, default=None, metavar="N",
+                    help="cap steps per epoch (smoke tests; N >= 1)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     # intermixed: overrides may sit before, between or after the flags
@@ -42,6 +56,12 @@ def main(argv=None) -> dict:
     if args.overwrite and (args.resume or args.eval_only):
         raise cfglib.ConfigError("--overwrite starts a fresh run; it cannot be combined with "
                                  f"{'--resume' if args.resume else '--eval-only'}")
+    if args.checkpoint and not args.eval_only:
+        raise cfglib.ConfigError("--checkpoint names the weights for --eval-only; to continue a run "
+                                 "use --resume PATH (or --resume auto)")
+    if args.eval_only and args.resume:
+        raise cfglib.ConfigError("--eval-only evaluates --checkpoint (default <output_dir>/best.pt); "
+                                 "it does not resume. Pass --checkpoint PATH instead of --resume")
     cfg = cfglib.validate(cfglib.apply_overrides(cfglib.load(args.config), args.overrides))
     out = cfglib.output_dir(cfg, args.output_dir)
     from ctal.engine import Trainer, checkpoint
@@ -52,11 +72,14 @@ def main(argv=None) -> dict:
         checkpoint.refuse_fresh_run(out)
     if not args.eval_only and args.resume not in (None, "auto") and not Path(args.resume).is_file():
         raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint")
+    if args.eval_only:
+        ckpt = Path(args.checkpoint) if args.checkpoint else out / "best.pt"
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"--eval-only: no checkpoint {ckpt} (pass --checkpoint PATH)")
     trainer = Trainer(cfg, output_dir=args.output_dir, device=args.device, progress=not args.no_progress,
                       eval_only=args.eval_only)
     try:
         if args.eval_only:
-            ckpt = Path(args.checkpoint) if args.checkpoint else trainer.out / "best.pt"
             trainer.load_weights(ckpt)
             metrics = trainer.evaluate()
             if trainer.dist.is_main:
@@ -79,8 +102,22 @@ def main(argv=None) -> dict:
         trainer.close()
 
 
+def _user_errors() -> tuple:
+    """Exceptions that mean bad input (config, files, data, divergence): reported as one line.
+    Anything else is a bug and keeps its traceback."""
+    from ctal.data import DataFileError
+    from ctal.engine.checkpoint import CheckpointError
+    return (cfglib.ConfigError, FileExistsError, FileNotFoundError, NotADirectoryError,
+            PermissionError, DataFileError, CheckpointError, FloatingPointError)
+
+
 if __name__ == "__main__":
     try:
         main()
-    except (cfglib.ConfigError, FileExistsError) as e:  # bad input: the message, not a traceback
+    except KeyboardInterrupt:
+        sys.exit("train.py: interrupted (the last completed epoch is in <output_dir>/last.pt; "
+                 "continue with --resume auto)")
+    except Exception as e:  # noqa: BLE001 - bad input: the message, not a traceback
+        if not isinstance(e, _user_errors()) or os.environ.get("CTAL_TRACEBACK"):
+            raise
         sys.exit(f"train.py: error: {e}")

@@ -53,19 +53,31 @@ def resolve_path(name: str | Path) -> Path:
     packaged = CONFIG_DIR / (p.name if p.suffix else p.name + ".yaml")
     if packaged.is_file():
         return packaged
-    choices = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"config {str(name)!r} not found (neither a file nor a packaged config: {choices})")
+    choices = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml") if not q.stem.startswith("_"))
+    close = difflib.get_close_matches(p.stem, choices, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise FileNotFoundError(f"config {str(name)!r} not found (neither a file nor a packaged config){hint} "
+                            f"Packaged configs: {choices}")
 
 
-def load(name: str | Path) -> dict:
+def load(name: str | Path, _chain: tuple = ()) -> dict:
+    """Read a config (a path or a packaged name), merged over the ``base:`` it names, if any."""
     path = resolve_path(name)
-    with open(path) as f:
-        cfg = yaml.load(f, Loader=_Loader) or {}
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(f"{path}: its base: chain loops back to itself ({cycle})")
+    try:
+        with open(path) as f:
+            cfg = yaml.load(f, Loader=_Loader) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    except OSError as e:
+        raise ConfigError(f"config {path} cannot be read ({e.strerror or e})") from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: a config must be a YAML mapping, got {type(cfg).__name__}")
+        raise ConfigError(f"{path}: a config must be a YAML mapping, got {type(cfg).__name__}")
     base = cfg.pop("base", None)
     if base:
-        cfg = _merge(load(path.parent / base), cfg)
+        cfg = _merge(load(path.parent / base, (*_chain, path.resolve())), cfg)
     return cfg
 
 
@@ -74,17 +86,26 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     cfg = copy.deepcopy(cfg)
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.sub=value")
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        if parts[0] not in cfg:
-            raise ValueError(f"override {item!r}: unknown key {parts[0]!r}; known: {sorted(cfg)}")
+        known = sorted(set(cfg) | set(SCHEMA.keys))
+        if parts[0] not in known:
+            close = difflib.get_close_matches(parts[0], known, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(f"override {item!r}: unknown key {parts[0]!r}{hint} (known: {known})")
         node = cfg
         for p in parts[:-1]:
-            if not isinstance(node.setdefault(p, {}), dict):
-                raise ValueError(f"override {item!r}: {p!r} is not a section")
+            if node.get(p) is None:  # a section the config leaves out (or sets to null)
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
             node = node[p]
-        node[parts[-1]] = parse_value(raw)
+        try:
+            node[parts[-1]] = parse_value(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                              f"({' '.join(str(e).split())})") from None
     return cfg
 
 
@@ -198,7 +219,7 @@ SCHEMA = Section({
 
 _KINDS = {
     "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)),
+    "float": ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
     "str": ("a string", lambda v: isinstance(v, str)),
     "path": ("a path (string)", lambda v: isinstance(v, (str, os.PathLike))),

@@ -1,10 +1,16 @@
-"""Checkpoints: atomic writes and exact resume (model, optimizer, scheduler, scaler, loss
-weighting, epoch, step, best score and every RNG)."""
+"""Checkpoints: atomic, verified writes and exact resume (model, optimizer, scheduler, scaler,
+loss weighting, epoch, step, best score and every RNG).
+
+A checkpoint is torch's zip format. Every member carries a CRC-32 that ``torch.load`` never
+checks, so :func:`load` checks them first: a flipped bit on disk is an error naming the file
+instead of NaN weights (or, worse, plausible ones) later.
+"""
 from __future__ import annotations
 
 import os
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +32,36 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is damaged, truncated or not a ctal checkpoint (the file is named)."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _stale_temp_files(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{path.name}.*.tmp"))
+
+
 def save(path: str | Path, state: dict) -> Path:
     """Write ``state`` to ``path`` atomically: a crash mid-write never leaves a truncated file
-    (the old checkpoint stays until the new one is complete)."""
+    (the old checkpoint stays until the new one is complete). Temp files of an earlier writer
+    that was killed mid-write are removed; the file gets the permissions the umask gives any
+    other output (``mkstemp`` alone would leave it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _stale_temp_files(path):  # only one process writes a run's checkpoints
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -45,18 +70,38 @@ def save(path: str | Path, state: dict) -> Path:
     return path
 
 
-def load(path: str | Path, map_location="cpu") -> dict:
+def verify(path: str | Path) -> Path:
+    """Check every member of the checkpoint's zip archive against its stored CRC-32; raise
+    :class:`CheckpointError` naming ``path`` (and the damaged entry) if one differs or the
+    archive is truncated. Reads the file once."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} could not be read ({e}): it is damaged, truncated or "
+                              f"not a ctal checkpoint. Use another checkpoint (e.g. best.pt) or "
+                              f"retrain") from e
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: entry {bad!r} fails its CRC check "
+                              f"(the file changed on disk after it was written); it cannot be "
+                              f"trusted. Use another checkpoint (e.g. best.pt) or retrain")
+    return path
+
+
+def load(path: str | Path, map_location="cpu") -> dict:
+    """Verify (:func:`verify`) and load a checkpoint written by :func:`save`."""
+    path = verify(path)
+    try:
         # Our checkpoints hold RNG states and config dicts, not only tensors.
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise RuntimeError(f"checkpoint {path} could not be read ({e}); it may be truncated or "
-                           f"not a ctal checkpoint") from e
+        raise CheckpointError(f"checkpoint {path} could not be read ({e}); it may be truncated or "
+                              f"not a ctal checkpoint") from e
     if not isinstance(state, dict) or "model" not in state:
-        raise RuntimeError(f"checkpoint {path} is not a ctal checkpoint (no 'model' entry)")
+        raise CheckpointError(f"checkpoint {path} is not a ctal checkpoint (no 'model' entry)")
     return state
 
 

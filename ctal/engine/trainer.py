@@ -6,10 +6,13 @@ k/2 epochs + resume + k/2 epochs bit for bit (same seeds, same data order, same 
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
+import os
 import random
 import time
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -103,20 +106,53 @@ def build_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
     raise ValueError(f"optim.name must be adam, adamw or sgd, got {o['name']!r}")
 
 
+class LRFactor:
+    """The learning-rate multiplier of epoch ``e`` in closed form: cosine to ``min_lr``,
+    poly ``(1 - e/E)^power``, step (``gamma`` every ``step_size`` epochs) or constant.
+    Closed form (not torch's recursive cosine) so that a resumed run given more epochs re-plans
+    its schedule exactly by changing :attr:`epochs`."""
+
+    def __init__(self, name: str, epochs: int, base_lr: float, min_lr: float = 0.0,
+                 power: float = 0.9, step_size: int = 1, gamma: float = 0.1):
+        self.name, self.epochs, self.base_lr = name, epochs, base_lr
+        self.min_lr, self.power, self.step_size, self.gamma = min_lr, power, step_size, gamma
+
+    def __call__(self, e: int) -> float:
+        E = max(self.epochs, 1)
+        if self.name == "cosine":
+            floor = self.min_lr / self.base_lr if self.base_lr > 0 else 0.0
+            return floor + (1 - floor) * (1 + math.cos(math.pi * min(e, E) / E)) / 2
+        if self.name == "poly":
+            return max(1 - e / E, 0.0) ** self.power
+        if self.name == "step":
+            return self.gamma ** (e // self.step_size)
+        return 1.0
+
+
 def build_scheduler(cfg: dict, opt, epochs: int):
-    """Per-epoch schedules: cosine to 0, poly (1 - e/E)^power, step (gamma every step_size), none."""
+    """Per-epoch schedules (:class:`LRFactor`): cosine to ``min_lr``, poly, step, none."""
     s = cfg.get("schedule") or {"name": "none"}
     name = s["name"].lower()
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=s.get("min_lr", 0.0))
-    if name == "poly":
-        power = s.get("power", 0.9)
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: (1 - e / max(epochs, 1)) ** power)
-    if name == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=s["step_size"], gamma=s.get("gamma", 0.1))
-    if name == "none":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
-    raise ValueError(f"schedule.name must be cosine, poly, step or none, got {s['name']!r}")
+    if name not in ("cosine", "poly", "step", "none"):
+        raise ValueError(f"schedule.name must be cosine, poly, step or none, got {s['name']!r}")
+    if name == "step" and "step_size" not in s:
+        raise cfglib.ConfigError("schedule.step_size is required by schedule.name=step")
+    factors = [LRFactor(name, epochs, g["lr"], min_lr=s.get("min_lr", 0.0), power=s.get("power", 0.9),
+                        step_size=s.get("step_size", 1), gamma=s.get("gamma", 0.1))
+               for g in opt.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(opt, factors)
+
+
+def replan_schedule(scheduler, epochs: int) -> None:
+    """Stretch (or shrink) a :func:`build_scheduler` schedule to ``epochs`` in place, keeping
+    the epochs already done, and set every group's learning rate to the new plan's value."""
+    for f in scheduler.lr_lambdas:
+        f.epochs = epochs
+    lrs = [g["initial_lr"] * f(scheduler.last_epoch)
+           for g, f in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas)]
+    for g, lr in zip(scheduler.optimizer.param_groups, lrs):
+        g["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 @torch.no_grad()
@@ -130,7 +166,7 @@ def evaluate(model: nn.Module, loader, tasks, num_classes, device, dataset_name:
     bilinearly resized, against the image's targets as stored on disk
     (``loader.dataset.original_targets``) instead of the resized ones the network was fed.
     """
-    from ..metrics import build_meters
+    from ..metrics import build_meters, update_meters
     meters = build_meters(tasks, num_classes, dataset=dataset_name, edge_thresholds=edge_thresholds)
     model.eval()
     it = tqdm(loader, desc="eval", leave=False, disable=not progress)
@@ -141,8 +177,7 @@ def evaluate(model: nn.Module, loader, tasks, num_classes, device, dataset_name:
         with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.float32), enabled=amp in AMP_DTYPES):
             out = model(images)["final"]
         if not original_resolution:
-            for t, m in meters.items():
-                m.update(out[t].float(), targets[t])
+            update_meters(meters, {t: p.float() for t, p in out.items()}, targets, where="evaluate")
             continue
         for b, index in enumerate(batch["meta"]["index"].tolist()):
             original = loader.dataset.original_targets(index)
@@ -171,6 +206,97 @@ def check_best_metric(best_metric, tasks) -> None:
                      f"Expected 'delta_m' (with eval.baselines) or one of {valid}")
 
 
+# Config entries a resumed run may change, and what the change does. Every other difference
+# from the checkpoint's config is refused by :meth:`Trainer.resume`: the optimizer, schedule,
+# loss weighting and data order come back from the checkpoint, so such a setting could not take
+# effect, and recording it would misreport the run.
+RESUME_MAY_CHANGE = {
+    "train.epochs": "the learning-rate schedule is re-planned for the new length",
+    "train.max_steps_per_epoch": "steps per epoch from here on",
+    "train.eval_every": "evaluation schedule", "train.log_every": "logging only",
+    "train.save_images": "outputs only", "train.find_unused_parameters": "DDP bookkeeping only",
+    "data.root": "the same data at another path", "data.eval_batch_size": "evaluation batching only",
+    "data.num_workers": "loading only (per-worker augmentation streams differ, so the rest of the "
+                        "run is not bit-identical to an uninterrupted one)",
+    "data.generate.workers": "generation speed only",
+    "device": "where it runs", "output_dir": "where it writes", "name": "a label",
+    "model.ctal_backend": "every backend computes the same function",
+    "model.pretrained": "initialization only (the checkpoint replaces every weight)",
+    "model.weights": "initialization only (the checkpoint replaces every weight)",
+    "eval.edge_thresholds": "evaluation only", "eval.original_resolution": "evaluation only",
+}
+
+
+def _leaves(node, prefix: str = "") -> dict:
+    """``{"optim.lr": 1e-3, ...}``: the dotted leaf entries of a nested config."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for k, v in node.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> dict:
+    """``{dotted key: (saved value, current value)}`` for every entry that differs (a missing
+    entry counts as ``None``)."""
+    a, b = _leaves(saved), _leaves(current)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _may_change(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
+
+
+def preflight(cfg: dict, device: str, output_dir) -> None:
+    """Cheap checks of everything a run names (dataset, tasks, model, backbone, CTAL backend,
+    device, output dir) so that bad input fails before any data is generated or built."""
+    from ..data import DATASETS
+    from ..models import list_models
+    from ..models.backbones import BACKBONES
+    from ..ops import backends
+    from ..tasks import TASKS
+    d, m = cfg["data"], cfg["model"]
+
+    def unknown(what, value, choices):
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=2, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        return cfglib.ConfigError(f"{what} {value!r} is unknown{hint} (expected one of {sorted(choices)})")
+
+    if str(d["dataset"]).lower().replace("-", "_") not in DATASETS:
+        raise unknown("data.dataset", d["dataset"], DATASETS)
+    for t in d.get("tasks") or []:
+        if t not in TASKS:
+            raise unknown("data.tasks entry", t, TASKS)
+    if m["name"] not in list_models():
+        raise unknown("model.name", m["name"], list_models())
+    if "backbone" in m and m["backbone"] not in BACKBONES:
+        raise unknown("model.backbone", m["backbone"], BACKBONES)
+    if "ctal_backend" in m and m["ctal_backend"] != "auto" and m["ctal_backend"] not in backends():
+        raise unknown("model.ctal_backend", m["ctal_backend"], ["auto", *backends()])
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise cfglib.ConfigError(f"device {device!r} is not a device name (expected auto, cpu, cuda or "
+                                 f"cuda:N)") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise cfglib.ConfigError(f"device {device!r}: this machine has no usable CUDA device; use "
+                                     f"--device cpu (or device=auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise cfglib.ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise cfglib.ConfigError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise cfglib.ConfigError(f"output dir {out} exists and is not a directory")
+    # Checked without creating it, so a run refused later leaves nothing behind.
+    parent = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        what = "" if parent == out else f" (its nearest existing parent {parent} is not a writable folder)"
+        raise cfglib.ConfigError(f"output dir {out} is not writable{what}; choose another with --output-dir")
+
+
 class Trainer:
     """Builds a run from a config dict (see ``ctal/configs/*.yaml``) and trains / evaluates it."""
 
@@ -195,6 +321,7 @@ class Trainer:
         dev = device or cfg.get("device", "auto")
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
+        preflight(cfg, dev, cfglib.output_dir(cfg, output_dir))
         self.dist = distributed.init(dev)
         if dev == "cuda" and self.dist.enabled:
             dev = f"cuda:{self.dist.local_rank}"
@@ -264,6 +391,8 @@ class Trainer:
             raise ValueError(f"train set has {len(self.train_set)} samples, fewer than one batch of {bs}")
 
         self.start_epoch, self.step, self.best, self.history = 0, 0, None, []
+        self.resumes: list = []  # one entry per resume that changed a setting (RESUME_MAY_CHANGE)
+        self.pending_eval = False  # the last finished epoch still has to be evaluated
         self.writer = None
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -274,9 +403,11 @@ class Trainer:
     def state(self, epoch: int) -> dict:
         return dict(model=_unwrap(self.model).state_dict(), criterion=self.criterion.state_dict(),
                     optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                    optimizer_class=type(self.optimizer).__name__,
                     scaler=self.scaler.state_dict(), epoch=epoch, step=self.step, best=self.best,
-                    history=self.history, rng=checkpoint.rng_state(),
-                    loader_rng=self.loader_gen.get_state(), config=self.cfg, tasks=self.tasks)
+                    history=self.history, rng=checkpoint.rng_state(), pending_eval=self.pending_eval,
+                    loader_rng=self.loader_gen.get_state(), config=self.cfg, tasks=self.tasks,
+                    resumes=self.resumes)
 
     def _check_tasks(self, s: dict, path) -> None:
         """The heads and the fusion weights' task axis follow the task order: a checkpoint of
@@ -286,9 +417,40 @@ class Trainer:
             raise ValueError(f"checkpoint {path} was trained for the tasks {list(saved)} (in this "
                              f"order), this run has {self.tasks}; set data.tasks={list(saved)}")
 
+    def _check_resumable(self, s: dict, path) -> dict:
+        """What resuming ``s`` into this run changes (``{key: (old, new)}``), all of it in
+        :data:`RESUME_MAY_CHANGE`; anything else is a ConfigError naming the keys."""
+        changes = config_changes(s.get("config") or {}, self.cfg)
+        fixed = {k: v for k, v in changes.items() if not _may_change(k)}
+        if fixed:
+            listed = ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in fixed.items())
+            back = " ".join(f"{k}={a!r}" if a is not None else f"~{k}" for k, (a, _) in fixed.items())
+            raise cfglib.ConfigError(
+                f"cannot resume {path}: this run's config differs from the one it was trained with in "
+                f"{listed}, which a resumed run cannot change (its optimizer, schedule and data order "
+                f"come from the checkpoint). Resume with the checkpoint's values ({back}), or start a "
+                f"new run (--overwrite, or another --output-dir). A resume may change: "
+                f"{', '.join(RESUME_MAY_CHANGE)}")
+        saved_cls = s.get("optimizer_class")
+        saved_keys = {k for g in s["optimizer"]["param_groups"] for k in g} - {"params"}
+        keys = {k for g in self.optimizer.param_groups for k in g} - {"params"}
+        if (saved_cls and saved_cls != type(self.optimizer).__name__) or not saved_keys <= keys:
+            raise cfglib.ConfigError(
+                f"cannot resume {path}: it holds the state of a {saved_cls or 'different'} optimizer "
+                f"(settings {sorted(saved_keys)}), this run builds {type(self.optimizer).__name__}; "
+                f"set optim.name as the checkpoint's run had it")
+        if self.epochs < s["epoch"]:
+            raise cfglib.ConfigError(f"cannot resume {path}: it has trained {s['epoch']} epochs, more "
+                                     f"than train.epochs={self.epochs}; set train.epochs >= {s['epoch']}")
+        return changes
+
     def resume(self, path) -> None:
+        """Continue the run saved in ``path`` exactly (weights, optimizer, schedule, scaler, loss
+        weighting, RNG streams, data order). Only the settings in :data:`RESUME_MAY_CHANGE` may
+        differ from the checkpoint's; a longer ``train.epochs`` re-plans the schedule."""
         s = checkpoint.load(path, map_location=self.device)
         self._check_tasks(s, path)
+        changes = self._check_resumable(s, path)
         missing, unexpected = _unwrap(self.model).load_state_dict(s["model"], strict=False)
         if missing or unexpected:
             raise RuntimeError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, "
@@ -296,9 +458,15 @@ class Trainer:
         self.criterion.load_state_dict(s["criterion"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
+        replan_schedule(self.scheduler, self.epochs)  # a no-op unless train.epochs changed
         self.scaler.load_state_dict(s["scaler"])
         self.start_epoch, self.step, self.best = s["epoch"], s["step"], s["best"]
         self.history = s.get("history", [])
+        self.pending_eval = bool(s.get("pending_eval", False))
+        self.resumes = list(s.get("resumes", []))
+        if changes:
+            self.resumes.append(dict(epoch=self.start_epoch,
+                                     changed={k: [a, b] for k, (a, b) in changes.items()}))
         checkpoint.set_rng_state(s["rng"])
         self.loader_gen.set_state(s["loader_rng"])
 
@@ -339,8 +507,7 @@ class Trainer:
             out = _float_outputs(out)  # losses in fp32 even under autocast
             total, parts = self.criterion(out, targets)
             if not torch.isfinite(total):
-                raise FloatingPointError(f"non-finite loss {total.detach().item()} at epoch {epoch + 1} step {i}: "
-                                         f"{ {t: float(v) for t, v in parts.items()} }")
+                raise FloatingPointError(self._divergence(total, parts, epoch, i))
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
             distributed.average_gradients(self.criterion.parameters(), self.dist)  # DDP owns the model's
@@ -364,6 +531,16 @@ class Trainer:
         self.criterion.end_epoch(avg)
         return avg
 
+    def _divergence(self, total, parts, epoch: int, i: int) -> str:
+        """Why training stopped: the non-finite loss, its task terms, and the parameters that
+        are no longer finite (if any), with the usual remedies."""
+        bad = [n for n, p in _unwrap(self.model).named_parameters() if not bool(torch.isfinite(p).all())]
+        where = (f"{len(bad)} parameter tensor(s) are no longer finite, e.g. {bad[:3]}" if bad else
+                 "the parameters are still finite (the forward pass produced it)")
+        return (f"training diverged: non-finite loss {float(total.detach())} at epoch {epoch + 1} step {i} "
+                f"(task terms { {t: float(v) for t, v in parts.items()} }); {where}. Lower optim.lr, "
+                f"set train.grad_clip, or use train.amp=bf16 instead of fp16")
+
     def evaluate(self, progress: Optional[bool] = None) -> dict:
         ds = self.cfg["data"]["dataset"]
         return evaluate(_unwrap(self.model), self.val_loader, self.tasks, self.num_classes, self.device,
@@ -383,26 +560,21 @@ class Trainer:
         max_steps = max_steps_per_epoch or train.get("max_steps_per_epoch")
         metrics = None
         t0 = time.time()
+        if self.pending_eval:  # a run stopped while evaluating its last epoch: evaluate it now
+            metrics = self._evaluate_epoch(self.start_epoch)
         for epoch in range(self.start_epoch, self.epochs):
             avg = self.train_epoch(epoch, max_steps)
-            last = epoch + 1 == self.epochs
             entry = dict(epoch=epoch + 1, train_loss=avg, lr=next((g["lr"] for g in self.optimizer.param_groups if g.get("name") == "base"),
                                                    self.optimizer.param_groups[0]["lr"]),
                          loss_weights=self.criterion.current_weights())
-            if self.dist.is_main and (last or (epoch + 1) % eval_every == 0):
-                metrics = self.evaluate()
-                score = self.score(metrics)
-                entry.update(metrics=metrics, score=score)
-                for task, vals in metrics.items():
-                    for k, v in vals.items():
-                        if isinstance(v, (int, float)) and math.isfinite(v):
-                            self.writer.add_scalar(f"val/{task}/{k}", v, epoch + 1)
-                if self.best is None or score > self.best["score"]:
-                    self.best = dict(score=score, epoch=epoch + 1, metrics=metrics)
-                    checkpoint.save(self.out / "best.pt", self.state(epoch + 1))
             self.history.append(entry)
+            self.pending_eval = epoch + 1 == self.epochs or (epoch + 1) % eval_every == 0
+            # The epoch's training is saved before it is evaluated: an error or a kill during
+            # evaluation loses no training, and resume runs the evaluation it missed.
             if self.dist.is_main:
                 checkpoint.save(self.out / "last.pt", self.state(epoch + 1))
+            if self.pending_eval:
+                metrics = self._evaluate_epoch(epoch + 1)
             distributed.barrier(self.dist)
         if self.dist.is_main:
             if metrics is None:  # resumed at the end: evaluate what we have
@@ -410,10 +582,31 @@ class Trainer:
             self.report(metrics, time.time() - t0)
         return metrics
 
+    def _evaluate_epoch(self, epoch: int) -> Optional[dict]:
+        """Evaluate after ``epoch`` epochs (main process), log, keep best.pt and re-save
+        last.pt with the result; other processes only clear the pending flag."""
+        self.pending_eval = False
+        if not self.dist.is_main:
+            return None
+        metrics = self.evaluate()
+        score = self.score(metrics)
+        entry = next((h for h in reversed(self.history) if h.get("epoch") == epoch), None)
+        if entry is not None:
+            entry.update(metrics=metrics, score=score)
+        for task, vals in metrics.items():
+            for k, v in vals.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.writer.add_scalar(f"val/{task}/{k}", v, epoch)
+        if self.best is None or score > self.best["score"]:
+            self.best = dict(score=score, epoch=epoch, metrics=metrics)
+            checkpoint.save(self.out / "best.pt", self.state(epoch))
+        checkpoint.save(self.out / "last.pt", self.state(epoch))
+        return metrics
+
     def report(self, metrics: dict, seconds: float) -> None:
         """Final ``metrics.json``, images of predictions and CTAL affinities, and a summary table."""
         summary = dict(name=self.cfg.get("name"), metrics=metrics, best=self.best, epochs=self.epochs,
-                       steps=self.step, seconds=round(seconds, 1), history=self.history,
+                       steps=self.step, resumes=self.resumes, seconds=round(seconds, 1), history=self.history,
                        ctal_backend=self.cfg["model"].get("ctal_backend"))
         (self.out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
         n_img = int(self.cfg["train"].get("save_images", 4))
