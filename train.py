@@ -14,12 +14,12 @@ for the full traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 from ctal import config as cfglib
+from ctal._io import write_json
 
 
 def _positive_int(text: str) -> int:
@@ -83,8 +83,8 @@ def main(argv=None) -> dict:
             trainer.load_weights(ckpt)
             metrics = trainer.evaluate()
             if trainer.dist.is_main:
-                (trainer.out / "eval_metrics.json").write_text(json.dumps(
-                    dict(checkpoint=str(ckpt), metrics=metrics), indent=2, default=float))
+                write_json(trainer.out / "eval_metrics.json", dict(checkpoint=str(ckpt), metrics=metrics),
+                           default=float)
                 from ctal.engine.trainer import format_summary
                 print(format_summary(metrics))
             return metrics

@@ -80,14 +80,19 @@ def test_extension_outputs_are_poisoned_in_tests(monkeypatch):
 
 
 @needs_ext
-def test_cpp_under_autocast_computes_in_the_input_dtype():
-    """Autocast must not re-cast the GEMMs inside the op (an fp32 call under bf16 autocast used to
-    mix dtypes in one bmm and fail)."""
+def test_cpp_under_autocast_follows_the_ops_policy():
+    """Under autocast ctal.ops computes in the autocast dtype (tests/test_amp.py): the C++ CPU
+    kernels cannot run bf16, so "cpp" refuses, naming the dtype; float64 inputs are not cast and
+    run. The raw op itself keeps autocast out of its GEMMs (an fp32 call under bf16 autocast used
+    to mix dtypes in one bmm and fail)."""
     x, v, w, b = problem(2, 3, 5, 4, 6, dtype=torch.float32)
     want = reference.ctal_attention(x, v, w, b)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _check("cpp", x, v, w, b, tol=1e-5)
-        got = ops.ctal_attention(x, v, w, b, backend="cpp")
+        with pytest.raises(RuntimeError, match="backend 'cpp' cannot run this problem: supports "
+                           r"float32 and float64, got torch.bfloat16.*Under torch.autocast\('cpu'\)"):
+            ops.ctal_attention(x, v, w, b, backend="cpp")
+        _check("cpp", x.double(), v.double(), w.double(), b.double(), tol=1e-10)
+        got = torch.ops.ctal_ext.linear_fwd(x, v, w, b)[0]
     assert got.dtype == torch.float32 and rel_err(got, want) < 1e-5
 
 

@@ -269,15 +269,86 @@ def _bad(**over):
     (dict(weight=torch.randn(20, 2, 3, 3, dtype=torch.float64)), TypeError, "weight has dtype"),
     (dict(x=torch.randint(0, 3, (1, 2, 3, 4, 5))), TypeError, "x must be a floating"),
     (dict(x=torch.randn(0, 2, 3, 4, 5), v=torch.randn(0, 2, 3, 4, 5)), ValueError, "non-empty"),
-    (dict(x=torch.full((1, 2, 3, 4, 5), float("nan"))), ValueError, "x contains NaN"),
-    (dict(v=torch.full((1, 2, 3, 4, 5), float("inf"))), ValueError, "v contains NaN or Inf"),
-    (dict(weight=torch.full((20, 2, 3, 3), float("nan"))), ValueError, "weight contains NaN"),
     (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
 ])
 @pytest.mark.parametrize("backend", ["auto", "reference", "quadratic", "linear"])
 def test_bad_input_errors(over, err, match, backend):
     with pytest.raises(err, match=match):
         ops.ctal_attention(**_bad(**over), backend=backend)
+
+
+NON_FINITE = [
+    (dict(x=torch.full((1, 2, 3, 4, 5), float("nan"))), "x contains NaN or Inf"),
+    (dict(v=torch.full((1, 2, 3, 4, 5), float("inf"))), "v contains NaN or Inf"),
+    (dict(weight=torch.full((20, 2, 3, 3), float("nan"))), "weight contains NaN or Inf"),
+    (dict(bias=torch.full((20,), float("-inf"))), "bias contains NaN or Inf"),
+]
+
+
+@pytest.mark.parametrize("over, match", NON_FINITE)
+@pytest.mark.parametrize("backend", ["auto", "reference", "quadratic", "linear"])
+def test_non_finite_inputs_raise_when_the_check_is_on(over, match, backend):
+    with ops.check_finite(True):
+        with pytest.raises(ValueError, match=match):
+            ops.ctal_attention(**_bad(**over), backend=backend)
+
+
+@pytest.mark.parametrize("over, match", NON_FINITE)
+@pytest.mark.parametrize("backend", ["auto"] + ["reference"] + CPU_BACKENDS)
+def test_non_finite_inputs_pass_through_by_default(over, match, backend, monkeypatch):
+    """The value check is off by default: no error, the NaN/Inf reaches the output."""
+    monkeypatch.delenv("CTAL_CHECK_FINITE", raising=False)
+    assert not ops.checking_finite()
+    y = ops.ctal_attention(**_bad(**over), backend=backend)
+    assert not torch.isfinite(y).all()
+
+
+def test_default_call_reads_no_values(monkeypatch):
+    """With the check off, validation looks at shapes, dtypes and devices only: nothing calls
+    torch.isfinite (on CUDA that is a device-to-host sync per tensor per call)."""
+    monkeypatch.delenv("CTAL_CHECK_FINITE", raising=False)
+    args = _bad()
+    want = reference.ctal_attention(**args)
+
+    def no_value_reads(*a, **k):
+        raise AssertionError("ctal.ops read input values (torch.isfinite) with the check off")
+
+    monkeypatch.setattr(torch, "isfinite", no_value_reads)
+    for backend in ["auto", "reference"] + CPU_BACKENDS:
+        assert torch.allclose(ops.ctal_attention(**args, backend=backend), want, atol=1e-5)
+    a = ops.affinity(args["x"])
+    ops.propagate(ops.diffuse(ops.align(a, (4, 5)), args["weight"], args["bias"]), args["v"])
+
+
+def test_check_finite_switch(monkeypatch):
+    """One switch: CTAL_CHECK_FINITE=1 (read at call time) or ops.check_finite, as a call or as a
+    context manager restoring the previous setting; an explicit setting wins over the variable."""
+    nan_x = _bad(x=torch.full((1, 2, 3, 4, 5), float("nan")))
+    monkeypatch.delenv("CTAL_CHECK_FINITE", raising=False)
+    ops.ctal_attention(**nan_x)  # off by default
+    monkeypatch.setenv("CTAL_CHECK_FINITE", "1")
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        ops.ctal_attention(**nan_x)
+    with ops.check_finite(False):  # explicit off beats the variable
+        assert not ops.checking_finite()
+        ops.ctal_attention(**nan_x)
+    assert ops.checking_finite()  # restored: the variable decides again
+    monkeypatch.setenv("CTAL_CHECK_FINITE", "0")
+    with ops.check_finite(True):
+        with ops.check_finite(False):
+            ops.ctal_attention(**nan_x)
+        with pytest.raises(ValueError, match="x contains NaN or Inf"):
+            ops.ctal_attention(**nan_x)
+    assert not ops.checking_finite()
+    try:
+        ops.check_finite(True)  # a plain call sets it until changed again
+        with pytest.raises(ValueError, match="x contains NaN or Inf"):
+            ops.ctal_attention(**nan_x)
+    finally:
+        ops.check_finite(None)
+    assert not ops.checking_finite()
+    with pytest.raises(TypeError, match="enabled must be True, False or None"):
+        ops.check_finite("yes")
 
 
 def test_bad_backend_name():
@@ -321,7 +392,7 @@ def test_stage_inputs_are_checked_like_the_op():
         (lambda: ops.propagate(m.float(), v), "m has dtype torch.float32 but v has torch.float64"),
         (lambda: ops.propagate(m[:0], v[:0]), "v must be non-empty"),
     ]:
-        with pytest.raises((ValueError, TypeError), match=match):
+        with ops.check_finite(True), pytest.raises((ValueError, TypeError), match=match):
             call()
 
 
@@ -335,10 +406,12 @@ def test_explain_checks_the_inputs_it_is_given():
 
 
 def test_meta_tensors_run_shape_only():
-    """Meta tensors carry no values: the finiteness check is skipped, shapes still propagate."""
+    """Meta tensors carry no values: the finiteness check is skipped even when it is on, shapes
+    still propagate."""
     x, v, w, b = (t.to("meta") for t in problem(1, 2, 3, 4, 5, dtype=torch.float32))
-    for name in ("reference", "quadratic", "linear"):
-        assert ops.ctal_attention(x, v, w, b, backend=name).shape == x.shape
+    with ops.check_finite(True):
+        for name in ("reference", "quadratic", "linear"):
+            assert ops.ctal_attention(x, v, w, b, backend=name).shape == x.shape
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -369,3 +442,49 @@ def test_compile_fullgraph_auto_across_sizes():
     for B in (4, 3, 2):
         x, v, w, b = problem(B, 2, 3, 4, 5, dtype=torch.float32)
         assert rel_err(compiled(x, v, w, b), reference.ctal_attention(x, v, w, b)) < 1e-5
+
+
+def test_compile_reference_backward_across_grid_sizes():
+    """The literal reference under torch.compile (Inductor, fullgraph) with gradients, on one
+    grid and then another: the second size traces dynamic H and W. Inductor lays out the CPU
+    grouped conv's input channels-last and could not order the symbolic strides of that input
+    when it was a view saved for backward."""
+    def f(x, v, w, b):
+        return ops.ctal_attention(x, v, w, b, backend="reference")
+
+    compiled = torch.compile(f, fullgraph=True)
+    for H, W in [(3, 4), (4, 5)]:
+        x, v, w, b = problem(1, 2, 3, H, W, dtype=torch.float32)
+        dy = torch.randn_like(x)
+        got, got_g = _grads(compiled, x, v, w, b, dy)
+        want, want_g = _grads(f, x, v, w, b, dy)
+        assert rel_err(got, want) < 1e-5
+        for name, g, wg in zip(("x", "v", "weight", "bias"), got_g, want_g):
+            assert rel_err(g, wg) < 1e-5, (H, W, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "linear", "quadratic"])
+def test_default_call_has_no_host_sync_and_graph_captures_gpu(backend):
+    """With the value check off (the default) a call on CUDA makes no device-to-host sync, so it
+    can be captured in a CUDA graph."""
+    x, v, w, b = problem(2, 3, 8, 5, 7, dtype=torch.float32, device="cuda")
+    want = reference.ctal_attention(x.double(), v.double(), w.double(), b.double())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture, as CUDA graphs require
+        for _ in range(2):
+            ops.ctal_attention(x, v, w, b, backend=backend)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.ctal_attention(x, v, w, b, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = ops.ctal_attention(x, v, w, b, backend=backend)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(y, want) < 1e-4

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from ctal import config as cfglib
 from ctal.engine import Trainer, checkpoint
@@ -22,7 +21,6 @@ from ctal.engine.trainer import LRFactor, config_changes
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
 from test_engine import tiny_cfg  # noqa: E402
 
 
@@ -69,16 +67,18 @@ def test_corrupted_checkpoint_is_refused_naming_the_file(finished_run, tmp_path)
 
 
 def test_checkpoint_cleans_stale_temp_files_and_follows_the_umask(tmp_path):
-    stale = tmp_path / "last.pt.abc123.tmp"  # left by a writer killed mid-write
+    stale = tmp_path / ".last.pt.4242.tmp"  # left by a writer killed mid-write
     stale.write_bytes(b"x" * 1000)
-    other = tmp_path / "best.pt.zzz.tmp"  # another checkpoint's: its own save cleans it
+    older = tmp_path / "last.pt.abc123.tmp"  # the temp name of earlier versions
+    older.write_bytes(b"x")
+    other = tmp_path / ".best.pt.4242.tmp"  # another checkpoint's: its own save cleans it
     other.write_bytes(b"y")
     old = os.umask(0o022)
     try:
         checkpoint.save(tmp_path / "last.pt", {"model": {}})
     finally:
         os.umask(old)
-    assert not stale.exists() and other.exists()
+    assert not stale.exists() and not older.exists() and other.exists()
     assert stat.S_IMODE((tmp_path / "last.pt").stat().st_mode) == 0o644
 
 
@@ -94,7 +94,7 @@ def test_kill_during_save_leaves_the_old_checkpoint_and_the_next_save_cleans_up(
             "checkpoint.save(%r, {'model': {'w': torch.zeros(3)}})\n" % (str(ROOT), str(path)))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert r.returncode == -9
-    assert list(tmp_path.glob("last.pt.*.tmp"))  # what a kill leaves
+    assert list(tmp_path.glob(".last.pt.*.tmp"))  # what a kill leaves
     assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))
     checkpoint.save(path, {"model": {"w": torch.full((3,), 2.0)}})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

@@ -65,6 +65,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .._io import TEMP_RE, atomic_write
+
 __all__ = ["CLASSES", "ForeignFilesError", "generate", "ensure", "render_scene", "is_complete", "main"]
 
 CLASSES = ("floor", "wall", "ceiling", "sphere", "box", "cylinder", "cone")
@@ -411,7 +413,7 @@ _FORMAT = "ctal-synthetic"
 _META = "meta.json"
 _MARKER = "generating.ctal-synthetic"
 _NPY_RE = re.compile(r"^(0|[1-9][0-9]*)\.npy$")    # the only data file names the generator writes
-_TMP_RE = re.compile(r"^\.(.+)\.[0-9]+\.tmp$")      # ".<name>.<pid>.tmp" of an atomic write
+_TMP_RE = TEMP_RE                                     # ".<name>.<pid>.tmp" of an atomic write
 _PR_SET_PDEATHSIG = 1                               # from <linux/prctl.h>
 
 
@@ -521,25 +523,9 @@ def _remove_surplus(root: Path, counts: dict) -> None:
                     os.unlink(e.path)
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Create ``path`` through ``write(binary file)`` on a temp file in the same folder and
-    ``os.replace``: a kill or a full disk never leaves a truncated file under the real name."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     # a file object, not a name: np.save would append ".npy" to the temp name
-    _write_atomic(path, lambda f: np.save(f, array))
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def _render_and_save(args):
@@ -661,7 +647,7 @@ def generate(root, num_train: int, num_val: int, size: Sequence[int] = (96, 128)
         if bar is not None:
             bar.close()
     meta = json.dumps(_meta(num_train, num_val, size, seed), indent=2)
-    _write_atomic(root / _META, lambda f: f.write(meta.encode()))
+    atomic_write(root / _META, lambda f: f.write(meta.encode()))
     (root / _MARKER).unlink()
     return root
 

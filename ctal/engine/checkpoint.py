@@ -7,14 +7,14 @@ instead of NaN weights (or, worse, plausible ones) later.
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .._io import atomic_write, temp_files
 
 
 def rng_state() -> dict:
@@ -36,38 +36,21 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that is damaged, truncated or not a ctal checkpoint (the file is named)."""
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _stale_temp_files(path: Path) -> list[Path]:
-    return sorted(path.parent.glob(f"{path.name}.*.tmp"))
+    # ".last.pt.<pid>.tmp" (atomic_write), and "last.pt.<random>.tmp" of earlier ctal versions
+    return temp_files(path) + sorted(path.parent.glob(f"{path.name}.*.tmp"))
 
 
 def save(path: str | Path, state: dict) -> Path:
-    """Write ``state`` to ``path`` atomically: a crash mid-write never leaves a truncated file
-    (the old checkpoint stays until the new one is complete). Temp files of an earlier writer
-    that was killed mid-write are removed; the file gets the permissions the umask gives any
-    other output (``mkstemp`` alone would leave it 0600)."""
+    """Write ``state`` to ``path`` atomically and durably (fsync before the rename): a crash
+    mid-write never leaves a truncated file, the old checkpoint stays until the new one is
+    complete. Temp files of an earlier writer killed mid-write are removed first (one process
+    writes a run's checkpoints)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in _stale_temp_files(path):  # only one process writes a run's checkpoints
+    for stale in _stale_temp_files(path):
         stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(state, f), durable=True)
 
 
 def verify(path: str | Path) -> Path:

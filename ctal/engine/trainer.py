@@ -7,7 +7,6 @@ k/2 epochs + resume + k/2 epochs bit for bit (same seeds, same data order, same 
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
 import random
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from .. import config as cfglib
+from .._io import write_json
 from . import checkpoint, distributed
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -538,7 +538,7 @@ class Trainer:
         where = (f"{len(bad)} parameter tensor(s) are no longer finite, e.g. {bad[:3]}" if bad else
                  "the parameters are still finite (the forward pass produced it)")
         return (f"training diverged: non-finite loss {float(total.detach())} at epoch {epoch + 1} step {i} "
-                f"(task terms { {t: float(v) for t, v in parts.items()} }); {where}. Lower optim.lr, "
+                f"(task terms { {t: float(v.detach()) for t, v in parts.items()} }); {where}. Lower optim.lr, "
                 f"set train.grad_clip, or use train.amp=bf16 instead of fp16")
 
     def evaluate(self, progress: Optional[bool] = None) -> dict:
@@ -608,7 +608,7 @@ class Trainer:
         summary = dict(name=self.cfg.get("name"), metrics=metrics, best=self.best, epochs=self.epochs,
                        steps=self.step, resumes=self.resumes, seconds=round(seconds, 1), history=self.history,
                        ctal_backend=self.cfg["model"].get("ctal_backend"))
-        (self.out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+        write_json(self.out / "metrics.json", summary, default=float)
         n_img = int(self.cfg["train"].get("save_images", 4))
         if n_img:
             from .images import save_run_images

@@ -13,6 +13,7 @@ from typing import Mapping, Optional, Sequence
 
 from ..tasks import TASKS
 from .._checks import check_task_names
+from .._io import write_json
 from ._checks import check_class_count, finite_number
 from .edge import EDGE_MAX_DIST, EdgeMeter
 from .regression import DepthMeter, NormalsMeter
@@ -184,4 +185,4 @@ def save_baselines(path, metrics: Mapping, keys: Optional[Mapping[str, Sequence[
     for task, vals in metrics.items():
         chosen = keys.get(task, tuple(vals))
         out[task] = {k: float(vals[k]) for k in chosen if k in vals}
-    Path(path).write_text(json.dumps({"baselines": out, **info}, indent=2, sort_keys=True))
+    write_json(path, {"baselines": out, **info}, sort_keys=True)

@@ -137,8 +137,9 @@ class Decision:
         return "\n".join(lines)
 
 
-def decide(p: Problem, backend: str = "auto") -> Decision:
-    """Resolve ``backend`` for problem ``p``.
+def decide(p: Problem, backend: str = "auto", *, note: str = "") -> Decision:
+    """Resolve ``backend`` for problem ``p`` (``note`` is appended to the error when a backend
+    named explicitly cannot run ``p``).
 
     ``auto``: among the backends that can run ``p`` (not the literal reference, not interpreted
     Triton, not kernels in ``UNVERIFIED_ON_GPU``), drop unfused quadratic ones whose ``B x N x N``
@@ -156,7 +157,7 @@ def decide(p: Problem, backend: str = "auto") -> Decision:
             raise ValueError(f"backend must be 'auto' or one of {sorted(table)}, got {backend!r}")
         why = table[backend].unsupported(p)
         if why is not None:
-            raise RuntimeError(f"backend {backend!r} cannot run this problem: {why}")
+            raise RuntimeError(f"backend {backend!r} cannot run this problem: {why}{note}")
         return Decision(backend, "requested by name", candidates)
 
     # Triton on CPU tensors means the (very slow) interpreter: a testing tool, never an auto choice.

@@ -29,6 +29,12 @@ def align(a: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def diffuse(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Grouped 3x3 conv over the aligned affinities (one group per query pixel): ``-> M (B, N, N)``."""
     N = weight.shape[0]
+    if z.device.type == "cpu":
+        # A channels-last copy of its own, not a view: Inductor lays out CPU conv inputs
+        # channels-last, and for a view that is also saved for backward it must order symbolic
+        # strides, which fails once H and W are dynamic (recompiling for a second grid size).
+        # The values are the same, and this conv runs about 2x faster so in eager mode on CPU.
+        z = z.contiguous(memory_format=torch.channels_last)
     m = F.conv2d(z, weight, bias, padding=1, groups=N)  # [B, N, H, W]
     return m.flatten(2)
 
