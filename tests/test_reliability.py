@@ -250,6 +250,7 @@ def _cli(args, cwd, timeout=180):
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:999"],
      r"device 'cuda(:999)?'"),
     (["--output-dir", "{file}"], r"output dir .* exists and is not a directory"),
+    (["data.dataset=nyuv2", "data.generate=null"], r"nyuv2: no folder .*data/train/image; expected the layout"),
 ])
 def test_cli_bad_input_is_one_line_before_any_work(tmp_path, args, message):
     (tmp_path / "broken.yaml").write_text("data: [unclosed\n")
