@@ -4,14 +4,17 @@
 #   make test-ext        the extension's tests
 #   make bench-cpu       every CPU backend (C++, PyTorch linear/quadratic, reference) side by side
 #   make resource-usage  nvcc -Xptxas -v for every CUDA kernel: registers, shared memory, spills
-#   make sanitize        (GPU) compute-sanitizer memcheck + racecheck on a small case of both CUDA backends
+#   make sanitize        (GPU) compute-sanitizer memcheck + racecheck on small cases of both CUDA
+#                        backends, fp32 and bf16 (the case scripts/gpu_session.sh runs)
+#   make gpu-prebuild    ctal._C for the GPU machine (torch 2.11 / CUDA 13 / sm_90) into build/gpu
+#   make gpu-dry-run     the GPU session's plan on this CPU (OUT=build/gpu-session-dry)
 PY ?= .venv/bin/python
 NVCC ?= nvcc
 ARCHS ?= 80 90
 JOBS ?= $(shell nproc)
 CU ?= csrc/linear_cuda.cu csrc/fused_cuda.cu
 
-.PHONY: ext ext-cpu test-ext bench-cpu resource-usage sanitize clean-ext
+.PHONY: ext ext-cpu test-ext bench-cpu resource-usage sanitize gpu-prebuild gpu-dry-run clean-ext
 
 ext:
 	MAX_JOBS=$(JOBS) $(PY) -m pip install --no-build-isolation --no-deps -e .
@@ -48,15 +51,20 @@ resource-usage:
 	      *) echo "      $$line" | sed -E 's/ptxas info *: //';; esac; done; \
 	done; done
 
-SANITIZE_CASE = import torch; from ctal import ops; \
-x, v = (torch.randn(2, 3, 5, 5, 7, device='cuda') for _ in range(2)); \
-w, b = torch.randn(35, 3, 3, 3, device='cuda'), torch.randn(35, device='cuda'); \
-[ops.ctal_attention(*(t.clone().requires_grad_() for t in (x, v, w, b)), backend=n).sum().backward() \
- for n in ('cuda-linear', 'cuda-fused')]; torch.cuda.synchronize(); print('sanitize case ran')
+# Without the caching allocator each tensor is its own allocation, so memcheck also sees a read
+# past a tensor's end that would land inside a cached block.
+SANITIZE_CASE = $(PY) -m benchmarks.gpu_check sanitize-case --dtypes fp32,bf16
 
 sanitize:
-	compute-sanitizer --tool memcheck --error-exitcode 1 $(PY) -c "$(SANITIZE_CASE)"
-	compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 1 $(PY) -c "$(SANITIZE_CASE)"
+	PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 $(SANITIZE_CASE)
+	PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck --racecheck-report all \
+	  --error-exitcode 1 $(SANITIZE_CASE)
+
+gpu-prebuild:
+	scripts/gpu_prebuild.sh
+
+gpu-dry-run:
+	GPU_SESSION_DRY_RUN=1 PY=$(PY) OUT=$${OUT:-build/gpu-session-dry} scripts/gpu_session.sh
 
 clean-ext:
-	rm -rf build ctal/_C*.so
+	rm -rf build/lib* build/temp* ctal/_C*.so

@@ -13,6 +13,14 @@ times one cuBLAS/MKL batched GEMM of the linear form's own shape (``(9TC x N) @ 
 batch item), so each linear-algorithm row also reports the fraction of that ceiling it reaches.
 Ratios (``vs reference``, ``vs compiled``) are between medians of this same run.
 Writes ``benchmarks/results/ops-<device>-<date>T<hhmm>.json`` and a markdown table next to it.
+
+On CUDA the times are CUDA-event spans (from just before the forward to just after the backward),
+on CPU wall-clock spans. For time-boxed runs (scripts/gpu_session.sh): ``--jsonl`` appends each
+result as one flushed JSON line, ``--deadline`` (Unix time) records the cases it leaves no time
+for as ``skipped (deadline)`` instead of starting them, and ``--inprocess`` runs the CUDA cases in
+this process (no interpreter start per case; the allocator's peak is reset per case) and goes
+back to one process per case after a CUDA error that poisons the process. SIGINT ends the run
+after writing what it measured.
 """
 from __future__ import annotations
 
@@ -40,18 +48,35 @@ def _gemm_ceiling(shape, dtype, dev, sync, warmup, repeats) -> dict:
     N, P, R = H * W, 9 * T * C, T * C
     a = torch.randn(B, P, N, device=dev, dtype=dtype)
     b = torch.randn(B, N, R, device=dev, dtype=dtype)
-    times = []
-    for i in range(warmup + repeats):
-        sync()
-        t0 = time.perf_counter()
-        torch.bmm(a, b)
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    times = _time(lambda: torch.bmm(a, b), dev, sync, warmup, repeats)
     med = statistics.median(times)
     flop = 2 * B * P * N * R
     return dict(status="ok", algorithm="gemm", median_ms=med * 1e3, p20_ms=min(times) * 1e3,
                 p80_ms=max(times) * 1e3, gflop=flop / 1e9, tflops=flop / med / 1e12, peak_mb=0.0)
+
+
+def _time(fn, dev, sync, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls after ``warmup``: CUDA events around each call on a
+    GPU (the device's own span, unaffected by host jitter), wall clock on the CPU."""
+    import torch
+    times = []
+    for i in range(warmup + repeats):
+        sync()
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            elapsed = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(elapsed)
+    return times
 
 
 def _run_case(case: dict) -> dict:
@@ -110,14 +135,7 @@ def _run_case(case: dict) -> dict:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base_cuda = torch.cuda.memory_allocated(dev)
-    times = []
-    for i in range(case["warmup"] + case["repeats"]):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        if i >= case["warmup"]:
-            times.append(time.perf_counter() - t0)
+    times = _time(step, dev, sync, case["warmup"], case["repeats"])
     if dev.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated(dev) - base_cuda) / 2 ** 20
     else:
@@ -126,7 +144,34 @@ def _run_case(case: dict) -> dict:
     med = statistics.median(times)
     q = statistics.quantiles(times, n=5) if len(times) >= 2 else [med] * 4
     return dict(status="ok", algorithm=algorithm, median_ms=med * 1e3, p20_ms=q[0] * 1e3,
-                p80_ms=q[-1] * 1e3, gflop=flop / 1e9, tflops=flop / med / 1e12, peak_mb=peak_mb)
+                p80_ms=q[-1] * 1e3, gflop=flop / 1e9, tflops=flop / med / 1e12, peak_mb=peak_mb,
+                timer="cuda-event" if dev.type == "cuda" else "wall")
+
+
+# CUDA errors after which the process's context is unusable (later cases need a fresh process).
+_STICKY = ("illegal memory access", "unspecified launch failure", "device-side assert",
+           "misaligned address", "illegal instruction")
+
+
+def run_case_inprocess(case: dict) -> tuple[dict, bool]:
+    """Runs one case in this process (meant for CUDA, where the allocator's peak can be reset per
+    case); returns the result and whether the process's CUDA context is still usable."""
+    import gc
+
+    import torch
+    try:
+        result = dict(case, **_run_case(case))
+        healthy = True
+    except Exception as exc:  # failures are results, as in run_case
+        msg = f"{type(exc).__name__}: {exc}".strip()
+        healthy = not any(s in msg.lower() for s in _STICKY)
+        status = "oom" if "out of memory" in msg.lower() else "error"
+        result = dict(case, status=status, error=msg.splitlines()[0][:300] if msg else status)
+    gc.collect()
+    if healthy and case["device"].startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    return result, healthy
 
 
 def run_case(case: dict, timeout: float) -> dict:
@@ -236,6 +281,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", default=str(RESULTS), help="results folder ('' = do not write)")
     ap.add_argument("--report", action="store_true", help="then render plots and update the README "
                     "(python -m benchmarks.report)")
+    ap.add_argument("--jsonl", help="also append each result to this file as one JSON line")
+    ap.add_argument("--deadline", type=float, help="Unix time: cases that would start later (or "
+                    "with under 5 s left) are recorded as skipped; per-case timeouts end there")
+    ap.add_argument("--inprocess", action="store_true", help="CUDA: run the cases in this process "
+                    "(on the CPU the RSS high-water mark cannot be reset, so cases keep their own)")
     args = ap.parse_args(argv)
     if args.case:
         print(json.dumps(_run_case(json.loads(args.case))), flush=True)
@@ -268,11 +318,25 @@ def main(argv=None) -> list[dict]:
     except ImportError:
         cases_iter = cases
     out = Path(args.out) if args.out else None
-    for case in cases_iter:
-        results.append(run_case(case, args.timeout))
-        add_ratios(results)
-        if out is not None:  # after every case: a run stopped early keeps what it measured
-            write_results(out, "ops", env, results, markdown(results, env), quiet=True)
+    inprocess = args.inprocess and device == "cuda"
+    try:
+        for case in cases_iter:
+            left = None if args.deadline is None else args.deadline - time.time()
+            if left is not None and left < 5:
+                result = dict(case, status="skipped (deadline)")
+            elif inprocess:
+                result, inprocess = run_case_inprocess(case)
+            else:
+                result = run_case(case, args.timeout if left is None else min(args.timeout, left))
+            results.append(result)
+            add_ratios(results)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(result) + "\n")
+            if out is not None:  # after every case: a run stopped early keeps what it measured
+                write_results(out, "ops", env, results, markdown(results, env), quiet=True)
+    except KeyboardInterrupt:
+        print(f"interrupted after {len(results)} of {len(cases)} cases", file=sys.stderr)
     table = markdown(results, env)
     print(table)
     if out is not None:

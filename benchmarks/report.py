@@ -115,6 +115,8 @@ def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
+    ap.add_argument("--readme", help="rewrite this file's BENCHMARKS section instead of README.md "
+                    "(also for a --results folder other than benchmarks/results)")
     args = ap.parse_args(argv)
     paths = newest_per_device(Path(args.results))
     for p in paths:
@@ -123,7 +125,9 @@ def main(argv=None) -> str:
     print(section)
     if args.no_readme:
         return section
-    if Path(args.results).resolve() != RESULTS.resolve():
+    if args.readme:
+        update_readme(section, Path(args.readme))
+    elif Path(args.results).resolve() != RESULTS.resolve():
         # The README shows the committed results; a scratch folder would leave it pointing at
         # files nobody else has (and drop the training table kept under benchmarks/results).
         print(f"README.md left as it is: {args.results} is not {RESULTS.relative_to(ROOT)}")

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ctal.ops.validate import first_order_only
 
-from ._common import (NORM_EPS, acc_dtype, cdiv, check_device, dot_dtype, full_like,
+from ._common import (NORM_EPS, acc_dtype, cdiv, check_device, dot_dtype, full_like, on_input_device,
                       input_precision, poisoned, tile, tl, triton, warps)
 
 
@@ -194,6 +194,7 @@ def _affinity_backward(da: Tensor, x: Tensor, nrm: Tensor, interleaved: bool) ->
 
 
 @torch.library.custom_op("ctal_triton::affinity_fwd", mutates_args=())
+@on_input_device
 def affinity_fwd(x: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
     return _affinity_forward(x, interleaved)
 
@@ -208,6 +209,7 @@ def _(x, interleaved):
 
 
 @torch.library.custom_op("ctal_triton::affinity_bwd", mutates_args=())
+@on_input_device
 def affinity_bwd(da: Tensor, x: Tensor, nrm: Tensor, interleaved: bool) -> Tensor:
     return _affinity_backward(da, x, nrm, interleaved)
 
@@ -250,6 +252,7 @@ def _align_launch(kernel, src: Tensor, out_shape, B: int, T: int, N: int) -> Ten
 
 
 @torch.library.custom_op("ctal_triton::align_fwd", mutates_args=())
+@on_input_device
 def align_fwd(a: Tensor, H: int, W: int) -> Tensor:
     B, T, N, _ = a.shape
     return _align_launch(align_fwd_kernel, a, (B, N * T, H, W), B, T, N)
@@ -262,6 +265,7 @@ def _(a, H, W):
 
 
 @torch.library.custom_op("ctal_triton::align_bwd", mutates_args=())
+@on_input_device
 def align_bwd(dz: Tensor, T: int) -> Tensor:
     B, NT, H, W = dz.shape
     N = H * W

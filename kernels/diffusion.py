@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ctal.ops.validate import first_order_only
 
-from ._common import (acc_dtype, acc_torch_dtype, cdiv, check_device, dot_dtype, grid_offsets,
+from ._common import (acc_dtype, acc_torch_dtype, cdiv, check_device, dot_dtype, grid_offsets, on_input_device,
                       input_precision, poisoned, shifted_pixels, tile, tl, triton, warps)
 
 
@@ -164,6 +164,7 @@ def _diffuse_backward(dm: Tensor, z: Tensor, weight: Tensor, has_bias: bool):
 
 
 @torch.library.custom_op("ctal_triton::diffuse_fwd", mutates_args=())
+@on_input_device
 def diffuse_fwd(z: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return _diffuse_forward(z, weight, bias)
 
@@ -175,6 +176,7 @@ def _(z, weight, bias):
 
 
 @torch.library.custom_op("ctal_triton::diffuse_bwd", mutates_args=())
+@on_input_device
 def diffuse_bwd(dm: Tensor, z: Tensor, weight: Tensor, has_bias: bool
                 ) -> tuple[Tensor, Tensor, Tensor]:
     dz, dw, db = _diffuse_backward(dm, z, weight, has_bias)
@@ -228,6 +230,7 @@ def _propagate_launch(m: Tensor, v: Tensor, transpose_m: bool) -> Tensor:
 
 
 @torch.library.custom_op("ctal_triton::propagate_fwd", mutates_args=())
+@on_input_device
 def propagate_fwd(m: Tensor, v: Tensor) -> Tensor:
     return _propagate_launch(m, v, transpose_m=False)
 
@@ -238,6 +241,7 @@ def _(m, v):
 
 
 @torch.library.custom_op("ctal_triton::propagate_bwd", mutates_args=())
+@on_input_device
 def propagate_bwd(dy: Tensor, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     B, N = m.shape[0], m.shape[1]
     dv = _propagate_launch(m, dy, transpose_m=True)  # dv[r, j] = sum_i dy[r, i] M[i, j]

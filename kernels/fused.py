@@ -39,7 +39,7 @@ from ctal.ops.validate import first_order_only
 
 from ._common import (NORM_EPS, acc_dtype, acc_torch_dtype, cdiv, channel_block, channel_reason,
                       check_device, dot_dtype, fused_tiles, grid_offsets, input_precision,
-                      item_size_reason, l2norm_bwd_tile, poisoned, shifted_pixels, tl, triton,
+                      item_size_reason, l2norm_bwd_tile, on_input_device, poisoned, shifted_pixels, tl, triton,
                       warps)
 from .affinity import l2norm
 
@@ -316,6 +316,7 @@ def backward(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Te
 
 
 @torch.library.custom_op("ctal_triton::fused_fwd", mutates_args=())
+@on_input_device
 def fused_fwd(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]
               ) -> tuple[Tensor, Tensor]:
     return forward(x, v, weight, bias)
@@ -329,6 +330,7 @@ def _(x, v, weight, bias):
 
 
 @torch.library.custom_op("ctal_triton::fused_bwd", mutates_args=())
+@on_input_device
 def fused_bwd(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor],
               nrm: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dx, dv, dw, db = backward(dy, x, v, weight, bias, nrm)

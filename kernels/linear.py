@@ -24,7 +24,7 @@ from ctal.ops.validate import first_order_only
 
 from ._common import (NORM_EPS, acc_dtype, acc_torch_dtype, cdiv, channel_block, channel_reason,
                       check_device, dot_dtype, grid_offsets, input_precision, item_size_reason,
-                      l2norm_bwd_tile, poisoned, shifted_pixels, tile, tl, triton, warps)
+                      l2norm_bwd_tile, on_input_device, poisoned, shifted_pixels, tile, tl, triton, warps)
 from .affinity import l2norm
 
 
@@ -268,6 +268,7 @@ def backward(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Te
 
 
 @torch.library.custom_op("ctal_triton::linear_fwd", mutates_args=())
+@on_input_device
 def linear_fwd(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]
                ) -> tuple[Tensor, Tensor, Tensor]:
     return forward(x, v, weight, bias)
@@ -283,6 +284,7 @@ def _(x, v, weight, bias):
 
 
 @torch.library.custom_op("ctal_triton::linear_bwd", mutates_args=())
+@on_input_device
 def linear_bwd(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor],
                g: Tensor, nrm: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dx, dv, dw, db = backward(dy, x, v, weight, bias, g, nrm)

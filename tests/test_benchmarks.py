@@ -99,11 +99,60 @@ def test_bench_train_tiny_and_its_readme_table(tmp_path):
     assert "speedup" in results[1] and list(tmp_path.glob("train-*.json"))
 
 
+def test_deadline_and_jsonl_stream(tmp_path):
+    import json
+    import time
+    # A deadline already past: every case is recorded as skipped, none is started.
+    stream = tmp_path / "ops.jsonl"
+    results = bench_ops.main(["--shapes", "tiny", "--backends", "reference,linear", "--modes", "fwd,fwdbwd",
+                              "--out", str(tmp_path), "--jsonl", str(stream), "--deadline", str(time.time())])
+    assert [r["status"] for r in results] == ["skipped (deadline)"] * 4
+    assert [json.loads(line)["backend"] for line in stream.read_text().splitlines()] == \
+        ["reference", "linear"] * 2
+    assert "skipped (deadline)" in next(tmp_path.glob("ops-*.md")).read_text()
+
+
+def test_inprocess_case_runner():
+    case = dict(name="tiny", shape=[1, 2, 8, 5, 7], backend="linear", mode="fwdbwd", dtype="fp32",
+                device="cpu", repeats=2, warmup=0)
+    result, healthy = bench_ops.run_case_inprocess(case)
+    assert healthy and result["status"] == "ok" and result["median_ms"] > 0 and result["timer"] == "wall"
+    result, healthy = bench_ops.run_case_inprocess(dict(case, backend="no-such-backend"))
+    assert healthy and result["status"] == "error" and "backend must be" in result["error"]
+
+
+def test_bench_train_bf16_autocast_records_a_finite_loss(tmp_path):
+    import json
+    from benchmarks import bench_train
+    stream = tmp_path / "train.jsonl"
+    (r,) = bench_train.main(["--datasets", "tiny", "--models", "ctal", "--backends", "linear", "--steps", "1",
+                             "--batch", "1", "--device", "cpu", "--amp", "bf16", "--out", str(tmp_path),
+                             "--jsonl", str(stream)])
+    assert r["status"] == "ok", r
+    assert r["amp"] == "bf16" and r["finite"] is True and r["loss"] > 0
+    assert json.loads(stream.read_text())["loss"] == r["loss"]
+    assert "bf16 autocast" in next(tmp_path.glob("train-*.md")).read_text()
+
+
+def test_report_rewrites_a_given_readme(tmp_path):
+    from benchmarks import report
+    env = dict(date="2026-01-02T03:04:05+00:00", torch="x", triton=None, cpu="cpu", cpu_count=2, python="3")
+    rows = [dict(name="tiny", shape=[1, 2, 8, 5, 7], backend=b, mode="fwd", dtype="fp32", status="ok",
+                 median_ms=ms, tflops=0.1, peak_mb=1.0, algorithm="linear") for b, ms in
+            (("reference", 2.0), ("linear", 1.0))]
+    bench_ops.write_results(tmp_path, "ops", env, rows, bench_ops.markdown(rows, env), quiet=True)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{report.START}\nold\n{report.END}\nb\n")
+    report.main(["--results", str(tmp_path), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "old" not in text and "| linear | fwd | fp32 | 1.00 |" in text and "| 2.0x |" in text
+
+
 def test_shell_scripts_parse():
-    """The install and GPU-session scripts are not run in CI (the latter needs a GPU): at least
-    they must parse."""
+    """The install and GPU scripts are not run in CI as such (the GPU session runs as a dry run in
+    tests/test_gpu_session.py; the prebuild downloads torch): at least they must parse."""
     import subprocess
     root = Path(__file__).resolve().parent.parent
-    for script in ("scripts/install.sh", "scripts/gpu_session.sh", ".ci/run"):
+    for script in ("scripts/install.sh", "scripts/gpu_session.sh", "scripts/gpu_prebuild.sh", ".ci/run"):
         proc = subprocess.run(["bash", "-n", str(root / script)], capture_output=True, text=True)
         assert proc.returncode == 0, (script, proc.stderr)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ctal import ops
-from ctal.ops import reference
+from ctal.ops import dispatch, reference
 from helpers import rel_err
 
 triton = pytest.importorskip("triton")
@@ -223,9 +223,9 @@ def _opcheck_cases():
     for t in (x, v, w, b):
         t.requires_grad_()
     N, T = 6, 2
-    a = torch.randn(1, T, N, N, dtype=torch.float64, requires_grad=True)
-    z = torch.randn(1, N * T, 2, 3, dtype=torch.float64, requires_grad=True)
-    m = torch.randn(1, N, N, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(1, T, N, N, dtype=torch.float64, device=DEV, requires_grad=True)
+    z = torch.randn(1, N * T, 2, 3, dtype=torch.float64, device=DEV, requires_grad=True)
+    m = torch.randn(1, N, N, dtype=torch.float64, device=DEV, requires_grad=True)
     return [
         ("affinity", affinity.affinity_fwd, (x, False)),
         ("affinity-interleaved", affinity.affinity_fwd, (x, True)),
@@ -270,15 +270,30 @@ def test_backends_registered():
 
 
 @pytest.mark.skipif(not CUDA, reason="auto never picks interpreted Triton on CPU")
-def test_auto_on_cuda_picks_triton_by_cost():
+def test_auto_on_cuda_picks_triton_by_cost(monkeypatch):
     table = ops.backends()
     small = ops.Problem(8, 5, 128, 16, 16, torch.float32, torch.device("cuda"))
     large = ops.Problem(8, 3, 128, 72, 96, torch.float32, torch.device("cuda"))
+    # Kernels not yet validated on a GPU are kept out of auto...
+    for p in (small, large):
+        assert ops.decide(p).backend not in dispatch.UNVERIFIED_ON_GPU
+    # ...and once validated, auto ranks them by cost.
+    monkeypatch.setattr(dispatch, "UNVERIFIED_ON_GPU", set())
     assert table[ops.decide(small).backend].algorithm == "quadratic"
     assert table[ops.decide(large).backend].algorithm == "linear"
     for p in (small, large):  # a CUDA extension may rank higher; otherwise Triton is chosen
         impl = table[ops.decide(p).backend].implementation
         assert impl in ("triton", "cuda") and ops.decide(p).backend != "triton-staged"
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_on_the_inputs_device_not_the_current_one():
+    x, v, w, b = _problem(1, 2, 3, 4, 5, torch.float32, device="cuda:1")
+    want = ops.ctal_attention(*(t.double() for t in (x, v, w, b)), backend="reference")
+    with torch.cuda.device(0):
+        for name in BACKENDS:
+            got = ops.ctal_attention(x, v, w, b, backend=name)
+            assert got.device == x.device and rel_err(got.double(), want) < 2e-3, name
 
 
 def test_auto_never_picks_interpreted_triton_on_cpu():
