@@ -1,4 +1,4 @@
-"""The benchmark shape registry: (B, T, C, H, W) at the settings DESIGN.md section 4 names."""
+"""The benchmark shape registry: (B, T, C, H, W) at the paper settings (NYUv2, Cityscapes, PASCAL-Context)."""
 from __future__ import annotations
 
 SHAPES = {

@@ -1,6 +1,6 @@
 // ctal compiled extension: shared declarations.
 //
-// Layout conventions (same as ctal/ops/linear.py and DESIGN.md 1.1):
+// Layout conventions (same as ctal/ops/linear.py and docs/design.md section 2):
 //   x, v       (B, T, C, H, W), N = H*W, R = T*C value rows, P = 9*T*C stacked shifted rows
 //   weight     (N, T, 3, 3), shift d = 3*dy + dx means key offset (dy - 1, dx - 1)
 //   bias       (N,) or absent

@@ -1,4 +1,4 @@
-// The fused quadratic form of CTAL (DESIGN.md 1.2): no N x N matrix ever reaches device memory.
+// The fused quadratic form of CTAL (docs/design.md section 3): no N x N matrix ever reaches device memory.
 //
 // One thread block owns BM = 16 query pixels i of one batch item and keeps their full row block
 // of the diffusion matrix in shared memory:

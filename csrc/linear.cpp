@@ -1,4 +1,4 @@
-// The exact linear form of CTAL (DESIGN.md 1.1), device-generic host code.
+// The exact linear form of CTAL (docs/design.md section 2), device-generic host code.
 //
 //   G_d = K_d V^T          (R x R per shift d and batch item; K_d a strided view of np, no copy)
 //   Y   = G^T Q + sumV b^T (one batched GEMM plus a rank-1 update)

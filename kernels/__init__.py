@@ -2,7 +2,7 @@
 
 - ``affinity``: L2 norms, the normalized Gram (optionally stored task-interleaved), alignment;
 - ``diffusion``: the grouped 3x3 diffusion conv producing ``M`` and propagation ``M v``;
-- ``fused``: quadratic CTAL without any N x N matrix (DESIGN 1.2);
+- ``fused``: quadratic CTAL without any N x N matrix (docs/design.md section 3);
 - ``linear``: linear-order CTAL with the shifted / weight-scaled operands formed in the GEMMs.
 
 ``register_backends()`` (called by ``ctal.ops`` on first backend lookup) registers the backends

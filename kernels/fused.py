@@ -1,4 +1,4 @@
-"""Fused quadratic CTAL ("flash" CTAL, DESIGN 1.2): never writes an N x N matrix.
+"""Fused quadratic CTAL ("flash" CTAL, docs/design.md section 3): never writes an N x N matrix.
 
 For a tile of queries ``i`` and keys ``j`` the diffused affinity is formed as 9T shifted dots
 
@@ -19,7 +19,7 @@ All C channels of a pixel are one tile (C <= MAX_CHANNELS).
 
 Work: forming M as 9T shifted dots costs ``9 T C`` multiply-adds per (i, j) pair, about 5x the
 ``T C + 9 T`` of the literal Gram + stencil order that ``ctal.ops.flops("quadratic")`` counts;
-the row-halo variant of DESIGN 1.2 would close that gap. The forward and value-backward programs
+the row-halo variant of docs/design.md section 3 would close that gap. The forward and value-backward programs
 each own ``BLOCK_R`` value rows and re-form their M tile, so M is formed ``cdiv(T C, BLOCK_R)``
 times (``fused_tiles``); ``kernels.fused_flops`` is the resulting forward count that ``auto``
 uses. Tile offsets inside one batch item are int32 (``item_size_reason``).

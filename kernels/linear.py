@@ -1,4 +1,4 @@
-"""Linear-order CTAL (DESIGN 1.1) with the shifted / weight-scaled operands formed on the fly.
+"""Linear-order CTAL (docs/design.md section 2) with the shifted / weight-scaled operands formed on the fly.
 
 Index conventions follow ``ctal.ops.linear``: ``P = 9*T*C`` stacked rows ``p = d*T*C + t*C + c``
 (shift ``d = 3*dy + dx``, task ``t``, channel ``c``) and ``R = T*C`` value rows ``r = t'*C + c'``.

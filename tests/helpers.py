@@ -1,4 +1,4 @@
-"""Shared test utilities: random CTAL problems and the DESIGN.md error measure."""
+"""Shared test utilities: random CTAL problems and the relative error measure of docs/design.md."""
 from __future__ import annotations
 
 import torch

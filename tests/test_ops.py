@@ -59,7 +59,7 @@ HALF = [torch.bfloat16, torch.float16]
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_half_precision_matches_reference(backend, dtype, bias):
-    # DESIGN 3: bf16/fp16 below 2e-2 against float64 on the same rounded values. Fusion weights
+    # bf16/fp16 below 2e-2 against float64 on the same rounded values. Fusion weights
     # of the init's scale (1/9) keep M moderate, so rounding is the error being measured.
     if ops.backends()[backend].unsupported(ops.Problem(2, 3, 16, 5, 7, dtype, torch.device("cpu"))):
         assert backend == "cpp"  # says "use linear for 16-bit" (test_extension.py)
@@ -136,7 +136,7 @@ def test_stages_compose_to_reference(stage_backend):
 
 
 def test_stage_math_by_hand():
-    """The stages against loops written straight from DESIGN.md 1 (no conv, no matmul)."""
+    """The stages against loops written straight from the math of docs/design.md section 1 (no conv, no matmul)."""
     B, T, C, H, W = 1, 2, 3, 3, 4
     x, v, w, b = problem(B, T, C, H, W)
     N = H * W

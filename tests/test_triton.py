@@ -3,7 +3,7 @@
 On CPU these run under ``TRITON_INTERPRET=1`` (set by conftest.py): tiny odd shapes, fp32 and
 fp64, and every launcher fills its outputs with NaN first under the interpreter, so an element a
 kernel forgets to write fails the comparison. GPU tests (marked ``gpu``) repeat the checks at
-realistic sizes in fp32, TF32 and bf16 with the DESIGN tolerances.
+realistic sizes in fp32, TF32 and bf16 with the tolerances of docs/design.md.
 """
 from __future__ import annotations
 

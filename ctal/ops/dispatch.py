@@ -1,7 +1,7 @@
 """Backend registry, custom-op registration and the cost model behind ``backend="auto"``.
 
 A *backend* computes the whole CTAL op ``y = M v`` with one *algorithm* (``quadratic``: forms
-affinities tile by tile or literally; ``linear``: the exact re-association of DESIGN.md 1.1) in one
+affinities tile by tile or literally; ``linear``: the exact re-association of docs/design.md section 2) in one
 *implementation* (``pytorch``, ``cpp``, ``triton``, ``cuda``). ``auto`` first picks the algorithm
 with the fewest FLOPs for the shapes, then the best implementation available for the device.
 """

@@ -1,4 +1,4 @@
-"""Exact linear-order CTAL (DESIGN.md 1.1) in PyTorch: two GEMMs, no N x N matrix.
+"""Exact linear-order CTAL (docs/design.md, section 2) in PyTorch: two GEMMs, no N x N matrix.
 
 ``M[i, j] = b_i + sum_{t,d} w[i,t,d] n_t[i]^T n_t[j+d]`` is linear in the affinities, so
 

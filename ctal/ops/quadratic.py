@@ -5,7 +5,7 @@ The literal path's ``conv2d(groups=N)`` is very slow (on CPU its backward alone 
 CTALNet step); here the 3x3 stencil over the key grid is 9 broadcast multiply-adds per task, and
 backward is explicit (GEMMs for ``M v`` and ``n^T n``, the adjoint stencil, the normalization
 backward), so no ``T x N x N`` autograd graph is kept: peak extra memory is about three
-``B x N x N`` buffers. This is the algorithm of DESIGN.md 1.2 in PyTorch, unfused.
+``B x N x N`` buffers. This is the algorithm of docs/design.md section 3 in PyTorch, unfused.
 """
 from __future__ import annotations
 
