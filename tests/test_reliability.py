@@ -18,10 +18,9 @@ import torch
 from ctal import config as cfglib
 from ctal.engine import Trainer, checkpoint
 from ctal.engine.trainer import LRFactor, config_changes
+from test_engine import tiny_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from test_engine import tiny_cfg  # noqa: E402
 
 
 @pytest.fixture(scope="module")
