@@ -23,7 +23,7 @@ ext-cpu:
 	CTAL_NO_CUDA=1 MAX_JOBS=$(JOBS) $(PY) -m pip install --no-build-isolation --no-deps -e .
 
 test-ext:
-	$(PY) -m pytest -q tests/test_extension.py
+	$(PY) -m pytest -q tests/ops/test_extension.py
 
 bench-cpu:
 	$(PY) -m benchmarks.bench_ops --device cpu --shapes cpu

@@ -1,7 +1,14 @@
-"""Shared test utilities: random CTAL problems and the relative error measure of docs/design.md."""
+"""Shared test utilities: the repository root, random CTAL problems, the relative error measure
+of docs/design.md and a training config shrunk to seconds."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from ctal import config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -35,7 +42,19 @@ ODD_SHAPES = [
 
 def fast_cpu_backends(include_reference: bool = False) -> list[str]:
     """Backends that run natively on this CPU (PyTorch and the compiled C++ extension). The Triton
-    backends run here only under the slow interpreter and are tested in test_triton.py."""
+    backends run here only under the slow interpreter and are tested in tests/ops/test_triton.py."""
     from ctal import ops
     names = [n for n in ops.available_backends("cpu") if ops.backends()[n].implementation in ("pytorch", "cpp")]
     return [n for n in names if include_reference or n != "reference"]
+
+
+def tiny_cfg(tmp_path, **over) -> dict:
+    """The synthetic default shrunk to seconds: 32x32 scenes, 2 steps per epoch."""
+    cfg = config.load("synthetic")
+    cfg = config.apply_overrides(cfg, [
+        f"data.root={tmp_path / 'data'}", "data.generate.num_train=8", "data.generate.num_val=3",
+        "data.generate.size=[32, 32]", "data.generate.workers=0", "data.batch_size=2",
+        "data.num_workers=0", "data.tasks=[semseg, depth, normals, edge]", "train.epochs=2",
+        "train.save_images=1", "eval.edge_thresholds=5", f"output_dir={tmp_path / 'out'}",
+        "train.max_steps_per_epoch=2"])
+    return config.apply_overrides(cfg, [f"{k}={v}" for k, v in over.items()])

@@ -24,9 +24,8 @@ from ctal.models.sca import SCANet, WindowSelfAttention
 from ctal.models.seed_systems import init_from_single_task, param_groups
 from ctal.tasks import output_channels
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import make_baselines  # noqa: E402
+from tests.helpers import ROOT
+from scripts import make_baselines
 
 TWO = {"semseg": 5, "depth": 1}
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import bench_ops  # noqa: E402
-from benchmarks.shapes import resolve  # noqa: E402
+from benchmarks import bench_ops
+from benchmarks.shapes import resolve
+from tests.helpers import ROOT
 
 
 def test_bench_ops_tiny(tmp_path):
@@ -150,9 +149,9 @@ def test_report_rewrites_a_given_readme(tmp_path):
 
 def test_shell_scripts_parse():
     """The install and GPU scripts are not run in CI as such (the GPU session runs as a dry run in
-    tests/test_gpu_session.py; the prebuild downloads torch): at least they must parse."""
+    tests/benchmarks/test_gpu_session.py; the prebuild downloads torch): at least they must parse."""
     import subprocess
-    root = Path(__file__).resolve().parent.parent
+    root = ROOT
     for script in ("scripts/install.sh", "scripts/gpu_session.sh", "scripts/gpu_prebuild.sh", ".ci/run"):
         proc = subprocess.run(["bash", "-n", str(root / script)], capture_output=True, text=True)
         assert proc.returncode == 0, (script, proc.stderr)

@@ -19,7 +19,7 @@ import torch
 
 from ctal import ops
 from ctal.ops import dispatch, reference
-from helpers import rel_err
+from tests.helpers import rel_err
 
 triton = pytest.importorskip("triton")
 

@@ -17,7 +17,7 @@ from ctal.data import build_dataset
 from ctal.data import synthetic as S
 
 SIZE = (24, 32)
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")

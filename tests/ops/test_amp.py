@@ -16,7 +16,7 @@ import torch
 import ctal
 from ctal import ops
 from ctal.ops import reference
-from helpers import fast_cpu_backends, problem, rel_err
+from tests.helpers import fast_cpu_backends, problem, rel_err
 
 AMP = [torch.bfloat16, torch.float16]
 AMP_IDS = ["bf16", "fp16"]

@@ -11,7 +11,7 @@ import torch
 
 from ctal import ops
 from ctal.ops import dispatch, extension, reference
-from helpers import problem, rel_err
+from tests.helpers import problem, rel_err
 
 BUILT = extension.is_built()
 needs_ext = pytest.mark.skipif(not BUILT, reason=extension.build_error() or "")
@@ -81,7 +81,7 @@ def test_extension_outputs_are_poisoned_in_tests(monkeypatch):
 
 @needs_ext
 def test_cpp_under_autocast_follows_the_ops_policy():
-    """Under autocast ctal.ops computes in the autocast dtype (tests/test_amp.py): the C++ CPU
+    """Under autocast ctal.ops computes in the autocast dtype (tests/ops/test_amp.py): the C++ CPU
     kernels cannot run bf16, so "cpp" refuses, naming the dtype; float64 inputs are not cast and
     run. The raw op itself keeps autocast out of its GEMMs (an fp32 call under bf16 autocast used
     to mix dtypes in one bmm and fail)."""

@@ -18,9 +18,9 @@ import torch
 from ctal import config as cfglib
 from ctal.engine import Trainer, checkpoint
 from ctal.engine.trainer import LRFactor, config_changes
-from test_engine import tiny_cfg
+from tests.helpers import tiny_cfg
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +84,14 @@ def test_checkpoint_cleans_stale_temp_files_and_follows_the_umask(tmp_path):
 def test_kill_during_save_leaves_the_old_checkpoint_and_the_next_save_cleans_up(tmp_path):
     path = tmp_path / "last.pt"
     checkpoint.save(path, {"model": {"w": torch.ones(3)}})
-    code = ("import os, signal, sys, torch; sys.path.insert(0, %r)\n"
+    code = ("import os, signal, torch\n"
             "from ctal.engine import checkpoint\n"
             "real = torch.save\n"
             "def dying(obj, f, *a, **k):\n"
             "    f.write(b'partial'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
             "torch.save = dying\n"
-            "checkpoint.save(%r, {'model': {'w': torch.zeros(3)}})\n" % (str(ROOT), str(path)))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+            "checkpoint.save(%r, {'model': {'w': torch.zeros(3)}})\n" % str(path))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=120)
     assert r.returncode == -9
     assert list(tmp_path.glob(".last.pt.*.tmp"))  # what a kill leaves
     assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))

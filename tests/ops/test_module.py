@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import ctal
 from ctal import ops
-from helpers import fast_cpu_backends, rel_err
+from tests.helpers import fast_cpu_backends, rel_err
 
 BACKENDS = fast_cpu_backends(include_reference=True)
 

@@ -13,21 +13,8 @@ import torch
 from ctal import config as cfglib
 from ctal.engine import Trainer, checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
-
-
-def tiny_cfg(tmp_path, **over) -> dict:
-    """The synthetic default shrunk to seconds: 32x32 scenes, 2 steps per epoch."""
-    cfg = cfglib.load("synthetic")
-    cfg = cfglib.apply_overrides(cfg, [
-        f"data.root={tmp_path / 'data'}", "data.generate.num_train=8", "data.generate.num_val=3",
-        "data.generate.size=[32, 32]", "data.generate.workers=0", "data.batch_size=2",
-        "data.num_workers=0", "data.tasks=[semseg, depth, normals, edge]", "train.epochs=2",
-        "train.save_images=1", "eval.edge_thresholds=5", f"output_dir={tmp_path / 'out'}",
-        "train.max_steps_per_epoch=2"])
-    return cfglib.apply_overrides(cfg, [f"{k}={v}" for k, v in over.items()])
+import train
+from tests.helpers import ROOT, tiny_cfg
 
 
 def _weights(trainer) -> dict:

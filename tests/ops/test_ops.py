@@ -7,7 +7,7 @@ import torch
 import ctal
 from ctal import ops
 from ctal.ops import reference
-from helpers import ODD_SHAPES, fast_cpu_backends, problem, rel_err
+from tests.helpers import ODD_SHAPES, fast_cpu_backends, problem, rel_err
 
 CPU_BACKENDS = fast_cpu_backends()
 

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.helpers import ROOT
 
-from benchmarks import gpu_check, ingest  # noqa: E402
+from benchmarks import gpu_check, ingest
 
 SCRIPT = ROOT / "scripts" / "gpu_session.sh"
 
@@ -183,7 +182,7 @@ def test_gpu_plan_with_a_stub_python(tmp_path):
     assert "--inprocess" in ops_nyuv2 and "cuda-" not in ops_nyuv2 and "--dtypes bf16,tf32,fp32" in ops_nyuv2
     assert first("--shapes nyuv2 --modes") < first("--no-stamp") < first("--backends cuda ")
     assert "--backends cuda-linear,cuda-fused" in calls[first("--shapes nyuv2,cityscapes,pascal-swin")]
-    assert "tests/test_extension.py" in calls[first("-m pytest")]
+    assert "tests/ops/test_extension.py" in calls[first("-m pytest")]
     assert sum("sanitizer --tool" in c for c in calls) == 2
     train = calls[first("benchmarks.bench_train")]
     assert "--backends reference,auto,triton-linear" in train
