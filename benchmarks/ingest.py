@@ -8,7 +8,7 @@ runs), ``train-<device>-<date>.json/.md`` (the training smoke) and ``gpucheck-<d
 (versions, the extension, every correctness case, test totals, the step table: the session's
 summary); draws the plots the report draws and rewrites the README's benchmark section
 (``--readme``, ``--no-readme``); prints the backends that passed correctness, i.e. the names to
-drop from ``ctal.ops.dispatch.UNVERIFIED_ON_GPU``. Then review and commit the files it lists.
+drop from ``ctal.ops.registry.UNVERIFIED_ON_GPU``. Then review and commit the files it lists.
 
 A dry run's session (a CPU) is refused for the default results folder: it would put CPU numbers
 where the committed results are.
@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import bench_ops, bench_train, gpu_session, report
-from benchmarks.bench_ops import RESULTS, add_ratios, write_results
+from benchmarks.tables import RESULTS, add_ratios, write_results
 
 
 def _extract(path: Path, into: Path) -> Path:
@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
     if out["unchecked"]:
         print(f"no passing case (unsupported / not run): {', '.join(out['unchecked'])}")
     if out["passed"] and not out["env"].get("dry_run"):
-        print("these can leave ctal.ops.dispatch.UNVERIFIED_ON_GPU: " + ", ".join(out["passed"]))
+        print("these can leave ctal.ops.registry.UNVERIFIED_ON_GPU: " + ", ".join(out["passed"]))
     return out
 
 

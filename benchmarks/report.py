@@ -16,7 +16,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.bench_ops import RESULTS, add_ratios, markdown
+from benchmarks.tables import RESULTS, add_ratios, markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

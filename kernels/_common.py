@@ -7,11 +7,7 @@ multiplying (``B * T * N * N`` passes 2**31 at realistic sizes).
 """
 from __future__ import annotations
 
-import functools
-import inspect
-
 import os
-import typing
 from typing import Optional
 
 import torch
@@ -146,25 +142,6 @@ def tile(gpu: int, interpret: int = 32) -> int:
 
 def warps(gpu: int) -> int:
     return 1 if INTERPRET else gpu
-
-
-def on_input_device(fn):
-    """Run a launcher on the CUDA device of its first tensor argument: Triton launches on the
-    *current* device, which need not hold the tensors (a model on cuda:1 with cuda:0 current)."""
-    @functools.wraps(fn)
-    def launch(*args, **kwargs):
-        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        if first is not None and first.device.type == "cuda":
-            with torch.cuda.device(first.device):
-                return fn(*args, **kwargs)
-        return fn(*args, **kwargs)
-    # custom_op infers the schema from the signature; resolve the (string) annotations in the
-    # launcher's own module, not in this one
-    hints, sig = typing.get_type_hints(fn), inspect.signature(fn)
-    launch.__signature__ = sig.replace(
-        parameters=[p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()],
-        return_annotation=hints.get("return", sig.return_annotation))
-    return launch
 
 
 def poisoned(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

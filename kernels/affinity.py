@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ctal.ops.validate import first_order_only
+from ctal.ops.custom_op import define_op
 
-from ._common import (NORM_EPS, acc_dtype, cdiv, check_device, dot_dtype, full_like, on_input_device,
+from ._common import (NORM_EPS, acc_dtype, cdiv, check_device, dot_dtype, full_like,
                       input_precision, poisoned, tile, tl, triton, warps)
 
 
@@ -161,7 +161,6 @@ def l2norm_backward(dn: Tensor, x: Tensor, nrm: Tensor) -> Tensor:
 
 def _affinity_forward(x: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
     check_device(x, "affinity (triton)")
-    x = x.contiguous()
     B, T, C, H, W = x.shape
     N = H * W
     nrm = l2norm(x)
@@ -183,7 +182,6 @@ def _affinity_forward(x: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
 def _affinity_backward(da: Tensor, x: Tensor, nrm: Tensor, interleaved: bool) -> Tensor:
     B, T, C, H, W = x.shape
     N = H * W
-    x = x.contiguous()
     if interleaved:
         da = da.reshape(B, N, T, N).transpose(1, 2)  # [B, T, N(query), N(key)] view
     da = da.reshape(B, T, N, N)
@@ -193,14 +191,7 @@ def _affinity_backward(da: Tensor, x: Tensor, nrm: Tensor, interleaved: bool) ->
     return l2norm_backward(dn.contiguous(), x, nrm)
 
 
-@torch.library.custom_op("ctal_triton::affinity_fwd", mutates_args=())
-@on_input_device
-def affinity_fwd(x: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
-    return _affinity_forward(x, interleaved)
-
-
-@affinity_fwd.register_fake
-def _(x, interleaved):
+def _affinity_fake(x, interleaved):
     B, T, C, H, W = x.shape
     N = H * W
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -208,42 +199,21 @@ def _(x, interleaved):
     return a, x.new_empty(B, T, N, dtype=acc)
 
 
-@torch.library.custom_op("ctal_triton::affinity_bwd", mutates_args=())
-@on_input_device
-def affinity_bwd(da: Tensor, x: Tensor, nrm: Tensor, interleaved: bool) -> Tensor:
-    return _affinity_backward(da, x, nrm, interleaved)
-
-
-@affinity_bwd.register_fake
-def _(da, x, nrm, interleaved):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _affinity_setup(ctx, inputs, output):
-    x, interleaved = inputs
-    ctx.interleaved = interleaved
-    ctx.save_for_backward(x, output[1])
-
-
-def _affinity_grad(ctx, da, dnrm):
-    first_order_only("affinity (triton)")
-    # nrm is an internal by-product; nothing downstream differentiates through it.
-    x, nrm = ctx.saved_tensors
-    return affinity_bwd(da, x, nrm, ctx.interleaved), None
-
-
-affinity_fwd.register_autograd(_affinity_grad, setup_context=_affinity_setup)
+_affinity = define_op("triton_affinity", _affinity_forward, _affinity_backward, fake=_affinity_fake,
+                      saved=("nrm",))
 
 
 def affinity(x: Tensor, interleaved: bool = False) -> Tensor:
     """``(B, T, C, H, W) -> (B, T, N, N)``, or ``(B, N*T, H, W)`` (already aligned) when
     ``interleaved``."""
-    return affinity_fwd(x, interleaved)[0]
+    return _affinity(x, interleaved)
+
+
+affinity.forward_op = _affinity.forward_op
 
 
 def _align_launch(kernel, src: Tensor, out_shape, B: int, T: int, N: int) -> Tensor:
     check_device(src, "align (triton)")
-    src = src.contiguous()
     out = poisoned(out_shape, src)
     BM, BN = tile(32), tile(64)
     kernel[(cdiv(N, BM), cdiv(N, BN), B * T)](src, out, T, N, BLOCK_M=BM, BLOCK_N=BN,
@@ -251,45 +221,34 @@ def _align_launch(kernel, src: Tensor, out_shape, B: int, T: int, N: int) -> Ten
     return out
 
 
-@torch.library.custom_op("ctal_triton::align_fwd", mutates_args=())
-@on_input_device
-def align_fwd(a: Tensor, H: int, W: int) -> Tensor:
+def _align_forward(a: Tensor, H: int, W: int) -> Tensor:
     B, T, N, _ = a.shape
     return _align_launch(align_fwd_kernel, a, (B, N * T, H, W), B, T, N)
 
 
-@align_fwd.register_fake
-def _(a, H, W):
+def _align_backward(dz: Tensor, H: int, W: int) -> Tensor:
+    # T from the gradient's shape, so that the (B, T, N, N) input need not be kept for backward
+    B, NT, N = dz.shape[0], dz.shape[1], H * W
+    return _align_launch(align_bwd_kernel, dz, (B, NT // N, N, N), B, NT // N, N)
+
+
+def _align_fake(a, H, W):
     B, T, N, _ = a.shape
     return a.new_empty(B, N * T, H, W)
 
 
-@torch.library.custom_op("ctal_triton::align_bwd", mutates_args=())
-@on_input_device
-def align_bwd(dz: Tensor, T: int) -> Tensor:
-    B, NT, H, W = dz.shape
+def _align_backward_fake(dz, H, W):
     N = H * W
-    return _align_launch(align_bwd_kernel, dz, (B, T, N, N), B, T, N)
+    return dz.new_empty(dz.shape[0], dz.shape[1] // N, N, N)
 
 
-@align_bwd.register_fake
-def _(dz, T):
-    B, NT, H, W = dz.shape
-    return dz.new_empty(B, T, H * W, H * W)
-
-
-def _align_setup(ctx, inputs, output):
-    ctx.T = inputs[0].shape[1]
-
-
-def _align_grad(ctx, dz):
-    first_order_only("align (triton)")
-    return align_bwd(dz, ctx.T), None, None
-
-
-align_fwd.register_autograd(_align_grad, setup_context=_align_setup)
+_align = define_op("triton_align", _align_forward, _align_backward, fake=_align_fake,
+                   backward_fake=_align_backward_fake)
 
 
 def align(a: Tensor, size: tuple[int, int]) -> Tensor:
     """``(B, T, N, N) -> (B, N*T, H, W)``: channel ``i*T + t`` holds ``A_t[i]`` on the key grid."""
-    return align_fwd(a, int(size[0]), int(size[1]))
+    return _align(a, int(size[0]), int(size[1]))
+
+
+align.forward_op = _align.forward_op

@@ -190,12 +190,12 @@ def check(arch: int = 90, dtypes=("fp32",), channels=(128,), verbose: bool = Tru
                     a, nrm = affinity._affinity_forward(x, interleaved)
                     affinity._affinity_backward(torch.zeros_like(a), x, nrm, interleaved)
                 a = mk(B, T, N, N)
-                z = affinity.align_fwd(a, H, W)
-                affinity.align_bwd(z, T)
+                z = affinity._align_forward(a, H, W)
+                affinity._align_backward(z, H, W)
                 m = diffusion._diffuse_forward(z, w, b)
-                diffusion._diffuse_backward(m, z, w, True)
-                diffusion.propagate_fwd(m, v)
-                diffusion.propagate_bwd(dy, m, v)
+                diffusion._diffuse_backward(m, z, w, b)
+                diffusion._propagate_forward(m, v)
+                diffusion._propagate_backward(dy, m, v)
     finally:
         JITFunction.__getitem__ = old_getitem
         _common.device_reason = old_reason

@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ctal.ops.validate import first_order_only
+from ctal.ops.custom_op import define_op
 
-from ._common import (acc_dtype, acc_torch_dtype, cdiv, check_device, dot_dtype, grid_offsets, on_input_device,
+from ._common import (acc_dtype, acc_torch_dtype, cdiv, check_device, dot_dtype, grid_offsets,
                       input_precision, poisoned, shifted_pixels, tile, tl, triton, warps)
 
 
@@ -133,7 +133,6 @@ def propagate_fwd_kernel(m_ptr, v_ptr, y_ptr, R, N, stride_mb, stride_mi, stride
 
 def _diffuse_forward(z: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     check_device(z, "diffuse (triton)")
-    z, weight = z.contiguous(), weight.contiguous()
     B, NT, H, W = z.shape
     N = H * W
     T = NT // N
@@ -141,13 +140,14 @@ def _diffuse_forward(z: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tenso
     BM, BN = tile(32), tile(64)
     has_bias = bias is not None
     diffuse_fwd_kernel[(cdiv(N, BM), cdiv(N, BN), B)](
-        z, weight, bias.contiguous() if has_bias else weight, m, T, N, H, W, HAS_BIAS=has_bias,
+        z, weight, bias if has_bias else weight, m, T, N, H, W, HAS_BIAS=has_bias,
         BLOCK_M=BM, BLOCK_N=BN, ACC=acc_dtype(z.dtype), num_warps=warps(4))
     return m
 
 
-def _diffuse_backward(dm: Tensor, z: Tensor, weight: Tensor, has_bias: bool):
-    dm, z, weight = dm.contiguous(), z.contiguous(), weight.contiguous()
+def _diffuse_backward(dm: Tensor, z: Tensor, weight: Tensor, bias: Optional[Tensor]
+                      ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    has_bias = bias is not None
     B, NT, H, W = z.shape
     N = H * W
     T = NT // N
@@ -163,60 +163,17 @@ def _diffuse_backward(dm: Tensor, z: Tensor, weight: Tensor, has_bias: bool):
     return dz, dw.to(weight.dtype), db
 
 
-@torch.library.custom_op("ctal_triton::diffuse_fwd", mutates_args=())
-@on_input_device
-def diffuse_fwd(z: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return _diffuse_forward(z, weight, bias)
-
-
-@diffuse_fwd.register_fake
-def _(z, weight, bias):
+def _diffuse_fake(z, weight, bias):
     B, NT, H, W = z.shape
     return z.new_empty(B, H * W, H * W)
 
 
-@torch.library.custom_op("ctal_triton::diffuse_bwd", mutates_args=())
-@on_input_device
-def diffuse_bwd(dm: Tensor, z: Tensor, weight: Tensor, has_bias: bool
-                ) -> tuple[Tensor, Tensor, Tensor]:
-    dz, dw, db = _diffuse_backward(dm, z, weight, has_bias)
-    if db is None:
-        db = weight.new_zeros(weight.shape[0])
-    return dz, dw, db
-
-
-@diffuse_bwd.register_fake
-def _(dm, z, weight, has_bias):
-    return (torch.empty_like(z, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format),
-            weight.new_empty(weight.shape[0]))
-
-
-def _diffuse_setup(ctx, inputs, output):
-    z, weight, bias = inputs
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(z, weight)
-
-
-def _diffuse_grad(ctx, dm):
-    first_order_only("diffuse (triton)")
-    z, weight = ctx.saved_tensors
-    dz, dw, db = diffuse_bwd(dm, z, weight, ctx.has_bias)
-    return dz, dw, (db if ctx.has_bias else None)
-
-
-diffuse_fwd.register_autograd(_diffuse_grad, setup_context=_diffuse_setup)
-
-
-def diffuse(z: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """Grouped 3x3 conv over aligned affinities ``(B, N*T, H, W)`` -> ``M (B, N, N)``."""
-    return diffuse_fwd(z, weight, bias)
+diffuse = define_op("triton_diffuse", _diffuse_forward, _diffuse_backward, fake=_diffuse_fake)
 
 
 def _propagate_launch(m: Tensor, v: Tensor, transpose_m: bool) -> Tensor:
     """``y[b, r, i] = sum_j M[b, i, j] v[b, r, j]`` (``M^T`` when ``transpose_m``)."""
     check_device(v, "propagate (triton)")
-    m, v = m.contiguous(), v.contiguous()
     B, N = m.shape[0], m.shape[1]
     R = v.numel() // (B * N)
     y = poisoned(v.shape, v)
@@ -229,20 +186,11 @@ def _propagate_launch(m: Tensor, v: Tensor, transpose_m: bool) -> Tensor:
     return y
 
 
-@torch.library.custom_op("ctal_triton::propagate_fwd", mutates_args=())
-@on_input_device
-def propagate_fwd(m: Tensor, v: Tensor) -> Tensor:
+def _propagate_forward(m: Tensor, v: Tensor) -> Tensor:
     return _propagate_launch(m, v, transpose_m=False)
 
 
-@propagate_fwd.register_fake
-def _(m, v):
-    return torch.empty_like(v, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("ctal_triton::propagate_bwd", mutates_args=())
-@on_input_device
-def propagate_bwd(dy: Tensor, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def _propagate_backward(dy: Tensor, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     B, N = m.shape[0], m.shape[1]
     dv = _propagate_launch(m, dy, transpose_m=True)  # dv[r, j] = sum_i dy[r, i] M[i, j]
     # dM[i, j] = sum_r dy[r, i] v[r, j]: one batched GEMM (K = T*C).
@@ -250,25 +198,8 @@ def propagate_bwd(dy: Tensor, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return dm, dv
 
 
-@propagate_bwd.register_fake
-def _(dy, m, v):
-    return (torch.empty_like(m, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format))
+def _propagate_fake(m, v):
+    return torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
-def _propagate_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _propagate_grad(ctx, dy):
-    first_order_only("propagate (triton)")
-    m, v = ctx.saved_tensors
-    return propagate_bwd(dy, m, v)
-
-
-propagate_fwd.register_autograd(_propagate_grad, setup_context=_propagate_setup)
-
-
-def propagate(m: Tensor, v: Tensor) -> Tensor:
-    """``(B, N, N), (B, T, C, H, W) -> (B, T, C, H, W)``."""
-    return propagate_fwd(m, v)
+propagate = define_op("triton_propagate", _propagate_forward, _propagate_backward, fake=_propagate_fake)

@@ -35,11 +35,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ctal.ops.validate import first_order_only
+from ctal.ops.custom_op import define_op
 
 from ._common import (NORM_EPS, acc_dtype, acc_torch_dtype, cdiv, channel_block, channel_reason,
                       check_device, dot_dtype, fused_tiles, grid_offsets, input_precision,
-                      item_size_reason, l2norm_bwd_tile, on_input_device, poisoned, shifted_pixels, tl, triton,
+                      item_size_reason, l2norm_bwd_tile, poisoned, shifted_pixels, tl, triton,
                       warps)
 from .affinity import l2norm
 
@@ -271,9 +271,9 @@ def _check(x: Tensor) -> None:
 
 
 def forward(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """``y (B, T, C, H, W)`` and the clamped norms ``(B, T, N)`` (saved for backward)."""
+    """The whole CTAL op, quadratic order, without any N x N matrix in memory: ``y (B, T, C, H, W)``
+    and the clamped norms ``(B, T, N)`` (saved for backward)."""
     _check(x)
-    x, v, weight = x.contiguous(), v.contiguous(), weight.contiguous()
     B, T, C, H, W = x.shape
     N = H * W
     nrm = l2norm(x)
@@ -281,7 +281,7 @@ def forward(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tup
     BM, BN, BR, _ = _blocks(C)
     has_bias = bias is not None
     fused_fwd_kernel[(cdiv(N, BM), cdiv(T * C, BR), B)](
-        x, nrm, v, weight, bias.contiguous() if has_bias else weight, y, T, C, N, H, W,
+        x, nrm, v, weight, bias if has_bias else weight, y, T, C, N, H, W,
         HAS_BIAS=has_bias, BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, **_meta(x))
     return y, nrm
 
@@ -289,7 +289,6 @@ def forward(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tup
 def backward(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor],
              nrm: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     _check(x)
-    x, v, weight, dy = x.contiguous(), v.contiguous(), weight.contiguous(), dy.contiguous()
     B, T, C, H, W = x.shape
     N = H * W
     acc = acc_torch_dtype(x.dtype)
@@ -308,62 +307,17 @@ def backward(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Te
     dv = poisoned(x.shape, x)
     has_bias = bias is not None
     fused_value_bwd_kernel[(cdiv(N, BN), cdiv(T * C, BR), B)](
-        x, nrm, weight, bias.contiguous() if has_bias else weight, dy, dv, T, C, N, H, W,
+        x, nrm, weight, bias if has_bias else weight, dy, dv, T, C, N, H, W,
         HAS_BIAS=has_bias, BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, **meta)
     dw = dw_part.sum(0).reshape(N, T, 3, 3).to(x.dtype)
     db = db_part.sum(0).to(x.dtype) if has_bias else None
     return dx, dv, dw, db
 
 
-@torch.library.custom_op("ctal_triton::fused_fwd", mutates_args=())
-@on_input_device
-def fused_fwd(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]
-              ) -> tuple[Tensor, Tensor]:
-    return forward(x, v, weight, bias)
-
-
-@fused_fwd.register_fake
-def _(x, v, weight, bias):
+def _fake(x, v, weight, bias):
     B, T, C, H, W = x.shape
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty(B, T, H * W, dtype=acc_torch_dtype(x.dtype)))
 
 
-@torch.library.custom_op("ctal_triton::fused_bwd", mutates_args=())
-@on_input_device
-def fused_bwd(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor],
-              nrm: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dv, dw, db = backward(dy, x, v, weight, bias, nrm)
-    if db is None:
-        db = weight.new_zeros(weight.shape[0])
-    return dx, dv, dw, db
-
-
-@fused_bwd.register_fake
-def _(dy, x, v, weight, bias, nrm):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format),
-            weight.new_empty(weight.shape[0]))
-
-
-def _setup(ctx, inputs, output):
-    x, v, weight, bias = inputs
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, v, weight, bias, output[1])
-
-
-def _grad(ctx, dy, dnrm):
-    first_order_only("triton-fused")
-    # the norms are an internal by-product; nothing downstream differentiates through them.
-    x, v, weight, bias, nrm = ctx.saved_tensors
-    dx, dv, dw, db = fused_bwd(dy, x, v, weight, bias if ctx.has_bias else None, nrm)
-    return dx, dv, dw, (db if ctx.has_bias else None)
-
-
-fused_fwd.register_autograd(_grad, setup_context=_setup)
-
-
-def fused_attention(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """The whole CTAL op, quadratic order, without any N x N matrix in memory."""
-    return fused_fwd(x, v, weight, bias)[0]
+fused_attention = define_op("triton_fused", forward, backward, fake=_fake, saved=("nrm",))

@@ -20,11 +20,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ctal.ops.validate import first_order_only
+from ctal.ops.custom_op import define_op
 
 from ._common import (NORM_EPS, acc_dtype, acc_torch_dtype, cdiv, channel_block, channel_reason,
                       check_device, dot_dtype, grid_offsets, input_precision, item_size_reason,
-                      l2norm_bwd_tile, on_input_device, poisoned, shifted_pixels, tile, tl, triton, warps)
+                      l2norm_bwd_tile, poisoned, shifted_pixels, tile, tl, triton, warps)
 from .affinity import l2norm
 
 
@@ -227,13 +227,12 @@ def _out(x, nrm, weight, bias, s, is_query: bool) -> Tensor:
 
 def forward(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]
             ) -> tuple[Tensor, Tensor, Tensor]:
-    """``y``, ``G (B, 9TC+1, TC)`` (ACC dtype) and the clamped norms ``(B, T, N)``."""
+    """The whole CTAL op in linear order (two GEMM kernels, O(N C) memory): ``y``,
+    ``G (B, 9TC+1, TC)`` (ACC dtype) and the clamped norms ``(B, T, N)``."""
     check_device(x, "triton-linear")
     why = item_size_reason(x.shape[1], x.shape[2], x.shape[3] * x.shape[4])
     if why is not None:
         raise ValueError(f"triton-linear: {why}")
-    x, v, weight = x.contiguous(), v.contiguous(), weight.contiguous()
-    bias = bias.contiguous() if bias is not None else None
     nrm = l2norm(x)
     g = _state(x, nrm, weight, bias, v, is_query=False)  # G = K~ V^T
     y = _out(x, nrm, weight, bias, g, is_query=True)  # Y = G^T Q~
@@ -246,8 +245,6 @@ def backward(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Te
     why = channel_reason(x.shape[2])
     if why is not None:
         raise ValueError(f"triton-linear backward: {why}")
-    x, v, weight, dy = x.contiguous(), v.contiguous(), weight.contiguous(), dy.contiguous()
-    bias = bias.contiguous() if bias is not None else None
     B, T, C, H, W = x.shape
     N = H * W
     acc = acc_torch_dtype(x.dtype)
@@ -267,57 +264,11 @@ def backward(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Te
     return dx, dv, dw, db
 
 
-@torch.library.custom_op("ctal_triton::linear_fwd", mutates_args=())
-@on_input_device
-def linear_fwd(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]
-               ) -> tuple[Tensor, Tensor, Tensor]:
-    return forward(x, v, weight, bias)
-
-
-@linear_fwd.register_fake
-def _(x, v, weight, bias):
+def _fake(x, v, weight, bias):
     B, T, C, H, W = x.shape
     acc = acc_torch_dtype(x.dtype)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            x.new_empty(B, 9 * T * C + 1, T * C, dtype=acc),
-            x.new_empty(B, T, H * W, dtype=acc))
+            x.new_empty(B, 9 * T * C + 1, T * C, dtype=acc), x.new_empty(B, T, H * W, dtype=acc))
 
 
-@torch.library.custom_op("ctal_triton::linear_bwd", mutates_args=())
-@on_input_device
-def linear_bwd(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor],
-               g: Tensor, nrm: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dv, dw, db = backward(dy, x, v, weight, bias, g, nrm)
-    if db is None:
-        db = weight.new_zeros(weight.shape[0])
-    return dx, dv, dw, db
-
-
-@linear_bwd.register_fake
-def _(dy, x, v, weight, bias, g, nrm):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format),
-            weight.new_empty(weight.shape[0]))
-
-
-def _setup(ctx, inputs, output):
-    x, v, weight, bias = inputs
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, v, weight, bias, output[1], output[2])
-
-
-def _grad(ctx, dy, dg, dnrm):
-    first_order_only("triton-linear")
-    # G and the norms are internal by-products; nothing downstream differentiates through them.
-    x, v, weight, bias, g, nrm = ctx.saved_tensors
-    dx, dv, dw, db = linear_bwd(dy, x, v, weight, bias if ctx.has_bias else None, g, nrm)
-    return dx, dv, dw, (db if ctx.has_bias else None)
-
-
-linear_fwd.register_autograd(_grad, setup_context=_setup)
-
-
-def linear_attention(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """The whole CTAL op in linear order (two GEMM kernels, O(N C) memory)."""
-    return linear_fwd(x, v, weight, bias)[0]
+linear_attention = define_op("triton_linear", forward, backward, fake=_fake, saved=("g", "nrm"))

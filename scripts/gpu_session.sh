@@ -321,7 +321,7 @@ fi
 
 # 8. The GPU test files, GPU-marked tests first, until the deadline. (The dry run collects and
 # skips the GPU-marked ones: it checks the files import and the JUnit XML comes back.)
-TEST_FILES=(tests/ops/test_triton.py tests/ops/test_ops.py tests/ops/test_module.py tests/ops/test_extension.py)
+TEST_FILES=(tests/ops/test_conformance.py tests/ops/test_triton.py tests/ops/test_ops.py tests/ops/test_module.py tests/ops/test_extension.py)
 if [ "$CUDA" = 1 ] || [ "$DRY" = 1 ]; then
     plan gpu-tests 400 && run gpu-tests "$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
         --junitxml="$WORK/tests/gpu-tests.xml" "${TEST_FILES[@]}"

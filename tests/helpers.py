@@ -29,6 +29,25 @@ def problem(B, T, C, H, W, dtype=torch.float64, bias=True, seed=None, device="cp
     return x, v, w, b
 
 
+def run(fn, inputs, dy):
+    """``fn`` on fresh leaf copies of ``inputs`` (None stays None): the detached output and the
+    gradients of the present inputs for the output gradient ``dy``."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    return y.detach(), list(torch.autograd.grad(y, [t for t in leaves if t is not None], dy))
+
+
+def reference64(fn, inputs, dy):
+    """:func:`run` in float64 on the CPU, on the same (possibly rounded) values: the ground truth."""
+    up = [None if t is None else t.detach().double().cpu() for t in inputs]
+    return run(fn, up, dy.double().cpu())
+
+
+def assert_close(got, want, tol, what):
+    err = rel_err(got.cpu(), want.cpu())
+    assert err < tol, f"{what}: relative error {err:.3g} >= {tol:g}"
+
+
 # Odd shapes the correctness policy asks for: (B, T, C, H, W).
 ODD_SHAPES = [
     (1, 1, 3, 5, 7),

@@ -25,13 +25,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import amp, dispatch, reference, validate
-from .dispatch import Backend, Decision, Problem, backends, decide, flops, register_backend
+from . import amp, backends as _registered, reference, validate  # noqa: F401  (registers every backend)
+from .cost import Decision, backend_flops, decide, flops
+from .registry import Backend, Problem, backends, register_backend, register_stage, stage_impl
 from .validate import check_finite, checking_finite
 
 __all__ = ["affinity", "align", "diffuse", "propagate", "ctal_attention", "explain", "backends",
-           "available_backends", "Backend", "Decision", "Problem", "flops", "register_backend",
-           "reference", "check_finite", "checking_finite"]
+           "available_backends", "Backend", "Decision", "Problem", "flops", "backend_flops", "decide",
+           "register_backend", "register_stage", "reference", "check_finite", "checking_finite"]
 
 
 def affinity(x: Tensor, *, backend: str = "reference") -> Tensor:
@@ -39,7 +40,7 @@ def affinity(x: Tensor, *, backend: str = "reference") -> Tensor:
     dtype = amp.autocast_dtype(x)
     x = amp.cast(dtype, x)
     validate.features(x)
-    fn = dispatch.stage_impl("affinity", backend)
+    fn = stage_impl("affinity", backend)
     with amp.disabled(dtype, x):
         return fn(x)
 
@@ -54,7 +55,7 @@ def align(a: Tensor, size: tuple[int, int], *, backend: str = "reference") -> Te
     H, W = _grid(size)
     if H * W != a.shape[2]:
         raise ValueError(f"size {H}x{W} does not match N = {a.shape[2]} of the affinities")
-    fn = dispatch.stage_impl("align", backend)
+    fn = stage_impl("align", backend)
     with amp.disabled(dtype, a):
         return fn(a, (H, W))
 
@@ -70,7 +71,7 @@ def diffuse(z: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     if NT % N != 0:
         raise ValueError(f"z must have N*T channels with N = H*W = {N}, got {NT}")
     validate.fusion_params(weight, bias, NT // N, H, W, z, like_name="z")
-    fn = dispatch.stage_impl("diffuse", backend)
+    fn = stage_impl("diffuse", backend)
     with amp.disabled(dtype, z):
         return fn(z, weight, bias)
 
@@ -84,7 +85,7 @@ def propagate(m: Tensor, v: Tensor, *, backend: str = "reference") -> Tensor:
     if tuple(m.shape) != (B, H * W, H * W):
         raise ValueError(f"m must have shape (B, N, N) = ({B}, {H * W}, {H * W}), got {tuple(m.shape)}")
     validate.same_kind("v", v, "m", m)
-    fn = dispatch.stage_impl("propagate", backend)
+    fn = stage_impl("propagate", backend)
     with amp.disabled(dtype, v):
         return fn(m, v)
 
@@ -145,8 +146,3 @@ def _grid(size) -> tuple[int, int]:
         raise ValueError(f"size must be a pair of positive ints (H, W), got {size!r}")
     return int(size[0]), int(size[1])
 
-
-
-# Register the Triton / compiled-extension backends now, not lazily inside a first call that
-# may be running under torch.compile (registration is not traceable).
-dispatch._load_optional_backends()

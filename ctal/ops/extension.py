@@ -1,8 +1,8 @@
 """The compiled extension (csrc/) as ctal.ops backends; importing ctal never requires it.
 
 ``ctal._C`` registers the ops ``torch.ops.ctal_ext.{linear_fwd, linear_bwd, fused_fwd, fused_bwd}``
-(CPU and CUDA bodies). This module adds what PyTorch needs around them, fake (meta) kernels for
-``torch.compile`` and autograd formulas, and registers three backends with ``ctal.ops.dispatch``:
+(CPU and CUDA bodies). This module makes them differentiable custom ops with ``define_op`` and
+says when each can run; ``ctal.ops.backends`` registers them as three backends:
 
 ============  =========  ===============================================================
 name          algorithm  implementation
@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .validate import first_order_only
+from .custom_op import define_op
 
 try:  # the compiled module; its import registers torch.ops.ctal_ext
     from ctal import _C  # type: ignore[attr-defined]
@@ -40,7 +40,6 @@ BUILD_HINT = ("the compiled extension is not built: run `pip install --no-build-
 NO_CUDA_HINT = ("the extension was built without CUDA (no CUDA toolkit was found at build time): "
                 "rebuild with nvcc available, or set CTAL_FORCE_CUDA=1 to make the build fail loudly")
 
-_REGISTERED = False
 
 
 def is_built() -> bool:
@@ -63,7 +62,7 @@ def build_error() -> Optional[str]:
 
 # --- backends ------------------------------------------------------------------------------------
 
-def _cpp_unsupported(p) -> Optional[str]:
+def cpp_unsupported(p) -> Optional[str]:
     if _C is None:
         return BUILD_HINT
     if p.device.type != "cpu":
@@ -73,7 +72,7 @@ def _cpp_unsupported(p) -> Optional[str]:
     return None
 
 
-def _cuda_unsupported(p) -> Optional[str]:
+def cuda_linear_unsupported(p) -> Optional[str]:
     if _C is None:
         return BUILD_HINT
     if not _WITH_CUDA:
@@ -85,12 +84,8 @@ def _cuda_unsupported(p) -> Optional[str]:
     return None
 
 
-def _cuda_linear_unsupported(p) -> Optional[str]:
-    return _cuda_unsupported(p)
-
-
 # Shared memory of one cuda-fused block, mirroring make_layout() in csrc/fused_cuda.cu (pure Python
-# so that dispatch stays traceable; tests check it against ctal._C.fused_smem_bytes).
+# so that backend checks stay traceable; tests check it against ctal._C.fused_smem_bytes).
 _FUSED_BM, _FUSED_KC = 16, 64
 
 
@@ -122,8 +117,8 @@ def fused_smem_limit(index: int) -> int:
     return _SMEM_LIMIT[index]
 
 
-def _cuda_fused_unsupported(p) -> Optional[str]:
-    why = _cuda_unsupported(p)
+def cuda_fused_unsupported(p) -> Optional[str]:
+    why = cuda_linear_unsupported(p)
     if why is not None:
         return why
     if p.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
@@ -144,96 +139,68 @@ def _allow_tf32() -> bool:
     return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
-def cpp_attention(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """CTAL through the compiled linear form (CPU or CUDA tensors alike)."""
-    _require()
-    return torch.ops.ctal_ext.linear_fwd(x, v, weight, bias)[0]
-
-
-def fused_attention(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """CTAL through the fused quadratic CUDA kernel. float32 inputs use TF32 tensor cores when
-    ``torch.backends.cuda.matmul.allow_tf32`` is set, exact FMA otherwise."""
-    _require()
-    return torch.ops.ctal_ext.fused_fwd(x, v, weight, bias, _allow_tf32())
-
-
 def _require() -> None:
     if _C is None:
         raise RuntimeError(build_error())
 
 
-# --- fake kernels and autograd (registered once, when the extension is loaded) ------------------
+# --- the compiled bodies as custom ops (ctal.ops.custom_op) -------------------------------------
 
-def _register_op_support() -> None:
-    lib = "ctal_ext"
-
-    @torch.library.register_fake(f"{lib}::linear_fwd")
-    def _(x, v, weight, bias):
-        B, T, C, H, W = x.shape
-        return x.new_empty(B, T, C, H, W), x.new_empty(B, 9 * T * C, T * C)
-
-    def _grads_like(x, v, weight):
-        return (torch.empty_like(x, memory_format=torch.contiguous_format),
-                torch.empty_like(v, memory_format=torch.contiguous_format),
-                torch.empty_like(weight, memory_format=torch.contiguous_format),
-                weight.new_empty(weight.shape[0]))
-
-    @torch.library.register_fake(f"{lib}::linear_bwd")
-    def _(dy, x, v, weight, bias, g):
-        return _grads_like(x, v, weight)
-
-    @torch.library.register_fake(f"{lib}::fused_fwd")
-    def _(x, v, weight, bias, allow_tf32):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-    @torch.library.register_fake(f"{lib}::fused_bwd")
-    def _(dy, x, v, weight, bias, allow_tf32):
-        return _grads_like(x, v, weight)
-
-    def linear_setup(ctx, inputs, output):
-        x, v, weight, bias = inputs
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, v, weight, bias, output[1])
-
-    def linear_backward(ctx, dy, dg):
-        first_order_only("cpp / cuda-linear")
-        # G is an internal by-product; nothing downstream differentiates through it.
-        x, v, weight, bias, g = ctx.saved_tensors
-        dx, dv, dw, db = torch.ops.ctal_ext.linear_bwd(dy, x, v, weight, bias, g)
-        return dx, dv, dw, (db if ctx.has_bias else None)
-
-    torch.library.register_autograd(f"{lib}::linear_fwd", linear_backward, setup_context=linear_setup)
-
-    def fused_setup(ctx, inputs, output):
-        x, v, weight, bias, allow_tf32 = inputs
-        ctx.has_bias = bias is not None
-        ctx.allow_tf32 = allow_tf32
-        ctx.save_for_backward(x, v, weight, bias)
-
-    def fused_backward(ctx, dy):
-        first_order_only("cuda-fused")
-        x, v, weight, bias = ctx.saved_tensors
-        dx, dv, dw, db = torch.ops.ctal_ext.fused_bwd(dy, x, v, weight, bias, ctx.allow_tf32)
-        return dx, dv, dw, (db if ctx.has_bias else None), None
-
-    torch.library.register_autograd(f"{lib}::fused_fwd", fused_backward, setup_context=fused_setup)
+def _linear_forward(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """``y`` and the small ``G (B, 9TC, TC)`` the backward reuses."""
+    _require()
+    return torch.ops.ctal_ext.linear_fwd(x, v, weight, bias)
 
 
-def register_backends() -> None:
-    """Register "cpp", "cuda-linear" and "cuda-fused" with ``ctal.ops.dispatch`` (always; each
-    one's ``unsupported`` says why it cannot run here)."""
-    global _REGISTERED
-    from .dispatch import Backend, register_backend
+def _linear_backward(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor],
+                     g: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    dx, dv, dw, db = torch.ops.ctal_ext.linear_bwd(dy, x, v, weight, bias, g)
+    return dx, dv, dw, (db if bias is not None else None)
 
-    if not _REGISTERED and _C is not None:
-        _register_op_support()
-        if _WITH_CUDA and torch.cuda.is_available():  # read device limits now, not while tracing
-            for i in range(torch.cuda.device_count()):
-                fused_smem_limit(i)
-    _REGISTERED = True
-    # The lambdas read the module globals at call time, so tests can simulate a missing build.
-    register_backend(Backend("cpp", "linear", "cpp", cpp_attention, lambda p: _cpp_unsupported(p)))
-    register_backend(Backend("cuda-linear", "linear", "cuda", cpp_attention,
-                             lambda p: _cuda_linear_unsupported(p)))
-    register_backend(Backend("cuda-fused", "quadratic", "cuda", fused_attention,
-                             lambda p: _cuda_fused_unsupported(p)))
+
+def _linear_fake(x, v, weight, bias):
+    B, T, C = x.shape[:3]
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(B, 9 * T * C, T * C)
+
+
+def _fused_forward(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor], allow_tf32: bool) -> Tensor:
+    _require()
+    return torch.ops.ctal_ext.fused_fwd(x, v, weight, bias, allow_tf32)
+
+
+def _fused_backward(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor],
+                    allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    dx, dv, dw, db = torch.ops.ctal_ext.fused_bwd(dy, x, v, weight, bias, allow_tf32)
+    return dx, dv, dw, (db if bias is not None else None)
+
+
+def _fused_fake(x, v, weight, bias, allow_tf32):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_linear_op = define_op("ext_linear", _linear_forward, _linear_backward, fake=_linear_fake, saved=("g",))
+_fused_op = define_op("ext_fused", _fused_forward, _fused_backward, fake=_fused_fake)
+
+
+def cpp_attention(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """CTAL through the compiled linear form (CPU or CUDA tensors alike)."""
+    return _linear_op(x, v, weight, bias)
+
+
+def fused_attention(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """CTAL through the fused quadratic CUDA kernel. float32 inputs use TF32 tensor cores when
+    ``torch.backends.cuda.matmul.allow_tf32`` is set, exact FMA otherwise."""
+    return _fused_op(x, v, weight, bias, _allow_tf32())
+
+
+cpp_attention.forward_op = _linear_op.forward_op
+fused_attention.forward_op = _fused_op.forward_op
+
+
+def read_device_limits() -> None:
+    """Read every CUDA device's shared-memory limit now: ``cuda-fused``'s ``unsupported`` runs
+    inside ``torch.compile`` traces, where querying the device is not traceable."""
+    if _C is not None and _WITH_CUDA and torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            fused_smem_limit(i)
+

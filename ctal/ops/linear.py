@@ -8,14 +8,18 @@
 With ``P = 9*T*C`` stacked (shift d, task t, channel c) rows and ``R = T*C`` value rows:
 ``K (B, P, N)`` holds the shifted normalized features, ``Q (B, P, N)`` the weight-scaled ones,
 ``G = K V^T (B, P, R)`` and ``Y = G^T Q + sumV b^T (B, R, N)``.
-Both functions here are autograd-free; ``forward``/``backward`` are wired up as a custom op in
-``ctal.ops.dispatch``. ``K`` and ``Q`` are rebuilt in backward instead of being saved.
+``forward``/``backward`` are autograd-free bodies; :data:`linear_attention` is the custom op
+made of them. ``K`` and ``Q`` are rebuilt in backward instead of being saved.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+from .custom_op import define_op
 from .reference import NORM_EPS
 
 
@@ -48,8 +52,7 @@ def _weight_grid(weight: torch.Tensor, H: int, W: int) -> torch.Tensor:
     return weight.reshape(H, W, T, 9).permute(3, 2, 0, 1).unsqueeze(2)
 
 
-def forward(x: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
-            bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Returns ``y (B, T, C, H, W)`` and the small ``G (B, 9TC, TC)`` for reuse in backward."""
     B, T, C, H, W = x.shape
     N, P, R = H * W, 9 * T * C, T * C
@@ -64,8 +67,8 @@ def forward(x: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
     return y.reshape(B, T, C, H, W), g
 
 
-def backward(dy: torch.Tensor, x: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
-             bias: torch.Tensor | None, g: torch.Tensor):
+def backward(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor],
+             g: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Gradients ``(dx, dv, dweight, dbias)`` of :func:`forward` (``dbias`` is None without bias)."""
     B, T, C, H, W = x.shape
     N, P, R = H * W, 9 * T * C, T * C
@@ -97,3 +100,11 @@ def normalize_backward(dn: torch.Tensor, n: torch.Tensor, norm: torch.Tensor) ->
     gradient to the norm below eps."""
     proj = (n * dn).sum(2, keepdim=True)
     return (dn - torch.where(norm > NORM_EPS, n * proj, torch.zeros_like(proj))) / norm
+
+
+def _fake(x, v, weight, bias):
+    B, T, C = x.shape[:3]
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(B, 9 * T * C, T * C)
+
+
+linear_attention = define_op("linear", forward, backward, fake=_fake, saved=("g",))

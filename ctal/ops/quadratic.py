@@ -9,9 +9,13 @@ backward), so no ``T x N x N`` autograd graph is kept: peak extra memory is abou
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+from .custom_op import define_op
 from .linear import _normalize, normalize_backward
 
 
@@ -38,7 +42,7 @@ def diffusion_matrix(n: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return m.view(B, N, N)
 
 
-def forward(x, v, weight, bias):
+def forward(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Returns ``y (B, T, C, H, W)`` and ``M (B, N, N)`` (kept for backward)."""
     n, _ = _normalize(x)
     m = diffusion_matrix(n, weight, bias)
@@ -47,7 +51,9 @@ def forward(x, v, weight, bias):
     return y.view(B, T, C, H, W), m
 
 
-def backward(dy, x, v, weight, bias, m):
+def backward(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor],
+             m: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Gradients ``(dx, dv, dweight, dbias)`` of :func:`forward` (``dbias`` is None without bias)."""
     B, T, C, H, W = x.shape
     N = H * W
     n, norm = _normalize(x)
@@ -70,3 +76,11 @@ def backward(dy, x, v, weight, bias, m):
         dn[:, t] = nf[:, t] @ (da + da.transpose(1, 2))  # A = n^T n
     dx = normalize_backward(dn.view(B, T, C, H, W), n, norm)
     return dx, dv, dweight, dbias
+
+
+def _fake(x, v, weight, bias):
+    B, N = x.shape[0], x.shape[3] * x.shape[4]
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(B, N, N)
+
+
+quadratic_attention = define_op("quadratic", forward, backward, fake=_fake, saved=("m",))

@@ -91,16 +91,6 @@ def features(x, name: str = "x") -> tuple[int, int, int, int, int]:
     return tuple(x.shape)
 
 
-def first_order_only(what: str) -> None:
-    """Called at the start of an explicit backward: these backwards are kernels / GEMM chains
-    without a backward of their own, so ``create_graph=True`` is refused up front instead of
-    failing inside (or returning gradients that cannot be differentiated again)."""
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        raise RuntimeError(
-            f"{what}: double backward (autograd.grad(..., create_graph=True)) is not supported; "
-            "use backend='reference', whose PyTorch ops are twice differentiable")
-
-
 def fusion_params(weight, bias, T: int, H: int, W: int, like: torch.Tensor,
                   like_name: str = "x") -> None:
     """Check the grouped-conv fusion weight ``(H*W, T, 3, 3)`` and bias ``(H*W,)``."""

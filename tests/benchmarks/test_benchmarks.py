@@ -52,7 +52,7 @@ def test_unsupported_and_bad_dtype_are_reported(tmp_path):
 def bench_ops_triton_reason():
     import torch
     from ctal.ops import backends
-    from ctal.ops.dispatch import Problem
+    from ctal.ops import Problem
     return backends()["triton-linear"].unsupported(Problem(1, 2, 8, 5, 7, torch.float32, torch.device("cpu")))
 
 

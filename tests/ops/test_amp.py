@@ -320,6 +320,6 @@ def test_module_auto_under_autocast_gpu(amp):
     # On CUDA auto may pick any verified backend; the size only has to run.
     size = (4, 5)
     B, T, C = 2, 2, 16
-    algorithm = ops.backends()[ops.dispatch.decide(
+    algorithm = ops.backends()[ops.decide(
         ops.Problem(B, T, C, *size, amp, torch.device("cuda"))).backend].algorithm
     _module_case("cuda", amp, size, algorithm)
