@@ -12,12 +12,6 @@ from . import ops
 from ._checks import TaskOrderState, check_grid, check_task_names
 
 
-def _check_backend(name) -> str:
-    if name != "auto" and name not in ops.backends():
-        raise ValueError(f"backend must be 'auto' or one of {sorted(ops.backends())}, got {name!r}")
-    return name
-
-
 class CrossTaskAffinity(TaskOrderState, nn.Module):
     """Cross-Task Affinity Learning on a fixed ``H x W`` grid.
 
@@ -55,7 +49,7 @@ class CrossTaskAffinity(TaskOrderState, nn.Module):
                 or not 0.0 <= float(gamma) <= 1.0):
             raise ValueError(f"gamma must be a number in [0, 1] (the paper uses 0.05), got {gamma!r}")
         self._size = check_grid(size)
-        self._backend = _check_backend(backend)
+        self._backend = ops.check_backend(backend)
         self.tasks = tasks
         self.channels = channels
         self.gamma = float(gamma)
@@ -81,7 +75,7 @@ class CrossTaskAffinity(TaskOrderState, nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        self._backend = _check_backend(name)
+        self._backend = ops.check_backend(name)
 
     @torch.no_grad()
     def resample(self, size: tuple[int, int], rescale: bool = True) -> "CrossTaskAffinity":

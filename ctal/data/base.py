@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .._checks import check_task_names
+from .._checks import check_grid, check_task_names
 from ..tasks import TASKS
-from .transforms import Normalize, Resize, as_size, build_augmentation
+from .transforms import Normalize, Resize, build_augmentation
 
 __all__ = ["MultiTaskDataset", "DataFileError", "read_npy", "read_image", "select_tasks", "image_to_float"]
 
@@ -143,7 +143,7 @@ class MultiTaskDataset(Dataset):
         self.tasks = tuple(tasks)
         self.num_classes = {t: int(n) for t, n in num_classes.items() if t in self.tasks}
         if resize is not None:
-            resize = as_size(resize, "resize")
+            resize = check_grid(resize, "resize")
         self.size = resize if resize is not None else (int(size[0]), int(size[1]))
         self.augment = (build_augmentation(augment, self.default_augmentation, self.inverse_depth)
                         if split == "train" else None)

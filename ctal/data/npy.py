@@ -31,7 +31,7 @@ import torch
 from ..tasks import EDGE_IGNORE, SAL_IGNORE
 from .base import (DataFileError, MultiTaskDataset, image_to_float, npy_shape, read_npy, select_tasks,
                    size_mismatch_error, to_label_tensor)
-from .transforms import as_size
+from .._checks import check_grid
 
 __all__ = ["NpyMultiTaskDataset", "NYUv2", "Cityscapes", "SyntheticScenes"]
 
@@ -66,7 +66,7 @@ class NpyMultiTaskDataset(MultiTaskDataset):
             raise ValueError(f"split must be 'train' or 'val' (or 'test'), got {split!r}")
         tasks = select_tasks(tasks, self.available, self.default_tasks, self.name)
         if resize is not None:
-            resize = as_size(resize, "resize")
+            resize = check_grid(resize, "resize")
         root = Path(root)
         self.split_dir = root / split
         if not (self.split_dir / "image").is_dir():

@@ -33,7 +33,7 @@ import torch
 from ..tasks import IGNORE_INDEX
 from .base import (DataFileError, MultiTaskDataset, image_size, image_to_float, npy_shape, read_image, read_npy,
                    select_tasks, size_mismatch_error, to_label_tensor)
-from .transforms import as_size
+from .._checks import check_grid
 
 __all__ = ["PascalContextMT", "NYUDMT", "HUMAN_PART_GROUPS", "label_boundaries"]
 
@@ -146,7 +146,7 @@ class PascalContextMT(MultiTaskDataset):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         tasks = select_tasks(tasks, self.available, self.available, self.name)
         if resize is not None:
-            resize = as_size(resize, "resize")
+            resize = check_grid(resize, "resize")
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"pascal_context: root {root} does not exist (see docs/datasets.md)")
@@ -289,7 +289,7 @@ class NYUDMT(MultiTaskDataset):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         tasks = select_tasks(tasks, self.available, self.available, self.name)
         if resize is not None:
-            resize = as_size(resize, "resize")
+            resize = check_grid(resize, "resize")
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"nyud_mt: root {root} does not exist (see docs/datasets.md)")

@@ -29,11 +29,11 @@ import math
 import numbers
 from typing import Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import check_grid
 from ..tasks import EDGE_IGNORE, IGNORE_INDEX, SAL_IGNORE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,26 +45,7 @@ FILL = {"image": 0.0, "semseg": float(IGNORE_INDEX), "human_parts": float(IGNORE
 _SPATIAL = tuple(FILL)
 
 __all__ = ["Compose", "HorizontalFlip", "RandomScaleCrop", "RandomScaleRotate", "Resize", "Normalize",
-           "build_augmentation", "as_size", "IMAGENET_MEAN", "IMAGENET_STD", "FILL"]
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def as_size(value, name: str = "size") -> tuple[int, int]:
-    """Check a size argument: an ``(H, W)`` pair (tuple, list, ``torch.Size``, 1-D array) of positive
-    integers; returns it as a tuple of ints.
-
-    A single int is refused rather than guessed (square? shorter side, as in torchvision?):
-    the ``ValueError`` names the argument and suggests ``(n, n)``."""
-    if _is_int(value):
-        raise ValueError(f"{name} must be an (H, W) pair of positive integers, got the single int {value!r}; "
-                         f"for a square size pass {name}=({value}, {value})")
-    if (isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)) or len(value) != 2
-            or not all(_is_int(v) and v > 0 for v in value)):
-        raise ValueError(f"{name} must be an (H, W) pair of positive integers, got {value!r}")
-    return int(value[0]), int(value[1])
+           "build_augmentation", "IMAGENET_MEAN", "IMAGENET_STD", "FILL"]
 
 
 def _check_factors(name: str, spec, positive: bool = True) -> None:
@@ -239,7 +220,7 @@ class Resize:
     Depth is *not* rescaled: resizing the whole frame changes resolution, not viewpoint."""
 
     def __init__(self, size: Sequence[int]):
-        self.size = as_size(size, "size")
+        self.size = check_grid(size, "size")
 
     def __call__(self, sample: dict) -> dict:
         if tuple(sample["image"].shape[-2:]) == self.size:

@@ -25,14 +25,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import amp, backends as _registered, reference, validate  # noqa: F401  (registers every backend)
+from .. import _checks as validate
+from .._checks import check_finite, check_grid, checking_finite
+from . import amp, backends as _registered, reference  # noqa: F401  (registers every backend)
 from .cost import Decision, backend_flops, decide, flops
-from .registry import Backend, Problem, backends, register_backend, register_stage, stage_impl
-from .validate import check_finite, checking_finite
+from .registry import Backend, Problem, backends, check_backend, register_backend, register_stage, stage_impl
 
 __all__ = ["affinity", "align", "diffuse", "propagate", "ctal_attention", "explain", "backends",
            "available_backends", "Backend", "Decision", "Problem", "flops", "backend_flops", "decide",
-           "register_backend", "register_stage", "reference", "check_finite", "checking_finite"]
+           "register_backend", "register_stage", "check_backend", "reference", "check_finite", "checking_finite"]
 
 
 def affinity(x: Tensor, *, backend: str = "reference") -> Tensor:
@@ -52,7 +53,7 @@ def align(a: Tensor, size: tuple[int, int], *, backend: str = "reference") -> Te
     validate.values("a", a, 4, "(B, T, N, N) affinities")
     if a.shape[2] != a.shape[3]:
         raise ValueError(f"a must be (B, T, N, N) affinities, got shape {tuple(a.shape)}")
-    H, W = _grid(size)
+    H, W = check_grid(size)
     if H * W != a.shape[2]:
         raise ValueError(f"size {H}x{W} does not match N = {a.shape[2]} of the affinities")
     fn = stage_impl("align", backend)
@@ -138,11 +139,3 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
         return []
     p = Problem(1, 1, 1, 1, 1, torch.float32, device)
     return [n for n, b in backends().items() if b.unsupported(p) is None]
-
-
-def _grid(size) -> tuple[int, int]:
-    if (not isinstance(size, (tuple, list)) or len(size) != 2
-            or not all(isinstance(s, int) and s > 0 for s in size)):
-        raise ValueError(f"size must be a pair of positive ints (H, W), got {size!r}")
-    return int(size[0]), int(size[1])
-

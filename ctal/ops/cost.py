@@ -75,9 +75,7 @@ def decide(p: Problem, backend: str = "auto", *, note: str = "") -> Decision:
     for b in table.values():
         candidates.append(dict(name=b.name, algorithm=b.algorithm, implementation=b.implementation,
                                gflops=backend_flops(b, p) / 1e9, unsupported=b.unsupported(p)))
-    if backend != "auto":
-        if backend not in table:
-            raise ValueError(f"backend must be 'auto' or one of {sorted(table)}, got {backend!r}")
+    if registry.check_backend(backend) != "auto":
         why = table[backend].unsupported(p)
         if why is not None:
             raise RuntimeError(f"backend {backend!r} cannot run this problem: {why}{note}")

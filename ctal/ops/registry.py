@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Problem", "Backend", "register_backend", "backends", "register_stage", "stage_impl",
+__all__ = ["Problem", "Backend", "register_backend", "backends", "check_backend", "register_stage", "stage_impl",
            "STAGES", "ALGORITHMS", "IMPLEMENTATION_RANK", "UNVERIFIED_ON_GPU"]
 
 ALGORITHMS = ("quadratic", "linear")
@@ -90,6 +90,17 @@ def backends() -> dict[str, Backend]:
     return dict(_BACKENDS)
 
 
+def check_backend(name, *, stage: Optional[str] = None) -> str:
+    """``name`` if it names a registered backend (``"auto"`` included for the whole op) or, with
+    ``stage``, an implementation of that stage; else a ``ValueError`` listing the choices."""
+    if stage is None:
+        if name != "auto" and name not in _BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {sorted(_BACKENDS)}, got {name!r}")
+    elif name not in _STAGE_IMPLS[stage]:
+        raise ValueError(f"{stage}: backend must be one of {sorted(_STAGE_IMPLS[stage])}, got {name!r}")
+    return name
+
+
 def register_stage(stage: str, name: str, fn: Callable) -> None:
     """Add an implementation ``name`` of one stage (``ctal.ops.<stage>(..., backend=name)``)."""
     if stage not in _STAGE_IMPLS:
@@ -98,7 +109,4 @@ def register_stage(stage: str, name: str, fn: Callable) -> None:
 
 
 def stage_impl(stage: str, backend: str) -> Callable:
-    impls = _STAGE_IMPLS[stage]
-    if backend not in impls:
-        raise ValueError(f"{stage}: backend must be one of {sorted(impls)}, got {backend!r}")
-    return impls[backend]
+    return _STAGE_IMPLS[stage][check_backend(backend, stage=stage)]

@@ -81,7 +81,7 @@ def test_module_errors():
         mod({"a": torch.randn(3, 4, 4), "b": torch.randn(1, 3, 4, 4)})
     with pytest.raises(ValueError, match="expected 2 tasks x 3 channels"):
         mod(torch.randn(1, 2, 4, 4, 4))
-    with pytest.raises(ValueError, match="size must be a pair"):
+    with pytest.raises(ValueError, match=r"size must be an \(H, W\) pair"):
         ctal.CrossTaskAffinity(2, 3, (4,))
     with pytest.raises(ValueError, match="backend must be"):
         ctal.CrossTaskAffinity(2, 3, (4, 4), backend="nope")
@@ -145,7 +145,7 @@ def test_resample_regrids_the_fusion_parameters():
     assert torch.allclose(mod.bias, torch.full_like(mod.bias, -1.0 * 4))
     mod.resample((4, 6), rescale=False)
     assert torch.allclose(mod.bias, torch.full_like(mod.bias, -4.0))
-    with pytest.raises(ValueError, match="size must be a pair"):
+    with pytest.raises(ValueError, match=r"size must be an \(H, W\) pair"):
         mod.resample((0, 3))
     with pytest.raises(AttributeError):
         mod.size = (5, 5)  # only resample changes the grid

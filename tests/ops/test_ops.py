@@ -249,7 +249,7 @@ def test_stage_bad_inputs():
     a = ops.affinity(x)
     with pytest.raises(ValueError, match="size 5x5 does not match N = 20"):
         ops.align(a, (5, 5))
-    with pytest.raises(ValueError, match="size must be a pair"):
+    with pytest.raises(ValueError, match=r"size must be an \(H, W\) pair"):
         ops.align(a, 20)
     z = ops.align(a, (4, 5))
     with pytest.raises(ValueError, match="weight must have shape"):
