@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
             if trainer.dist.is_main:
                 write_json(trainer.out / "eval_metrics.json", dict(checkpoint=str(ckpt), metrics=metrics),
                            default=float)
-                from ctal.engine.trainer import format_summary
+                from ctal.engine.evaluation import format_summary
                 print(format_summary(metrics))
             return metrics
         if args.overwrite and trainer.dist.is_main:

@@ -7,6 +7,8 @@ A config may name a ``base:`` file (relative to itself) whose values it override
 :data:`SCHEMA` lists every section and key a run reads, with its type and range; :func:`validate`
 checks a whole config against it (unknown keys with close-match suggestions, wrong types, values
 out of range) before anything is built, naming the dotted key, the value and what was expected.
+It also holds the defaults of the keys a config may leave out: :func:`with_defaults` fills them in
+(configs on disk and :func:`load` stay as written).
 """
 from __future__ import annotations
 
@@ -124,48 +126,62 @@ class ConfigError(ValueError):
     """A config that cannot describe a run (unknown key, wrong type, value out of range)."""
 
 
+class _NoDefault:
+    def __repr__(self) -> str:
+        return "NO_DEFAULT"
+
+
+NO_DEFAULT = _NoDefault()  # a key without a default: left out means left out
+
+
 @dataclass(frozen=True)
 class Key:
     """One config entry: ``kind`` is int, float (any number), bool, str, path (str or os.PathLike),
     list, dict (a free-form mapping) or any; ``none``: null allowed; ``ge`` / ``gt``: inclusive /
-    exclusive lower bound of a number; ``choices``: allowed strings (case-insensitive)."""
+    exclusive lower bound of a number; ``choices``: allowed strings (case-insensitive);
+    ``default``: the value of a config that leaves the key out (:func:`with_defaults`)."""
     kind: str
     none: bool = False
     ge: Optional[float] = None
     gt: Optional[float] = None
     choices: tuple = ()
     required: bool = False
+    default: Any = NO_DEFAULT
 
 
 @dataclass(frozen=True)
 class Section:
     """A mapping of known keys; ``open`` ones pass further keys on as keyword arguments
-    (``model``: to the model class, which rejects the ones it does not take)."""
+    (``model``: to the model class, which rejects the ones it does not take). ``default``: the
+    mapping that stands for the section when a config leaves it out or sets it to null (then
+    its keys' defaults fill in); None: such a section stays absent (or null)."""
     keys: dict = field(default_factory=dict)
     none: bool = False
     required: bool = False
     open: bool = False
+    default: Optional[dict] = None
 
 
 SCHEMA = Section({
-    "name": Key("str", none=True),
-    "device": Key("str"),
-    "seed": Key("int"),
-    "output_dir": Key("path", none=True),
+    "name": Key("str", none=True, default=None),
+    "device": Key("str", default="auto"),
+    "seed": Key("int", default=0),
+    "output_dir": Key("path", none=True, default=None),  # null: outputs/<name>
     "data": Section({
         "dataset": Key("str", required=True),
         "root": Key("path", required=True),
         "generate": Section({
             "num_train": Key("int", ge=1), "num_val": Key("int", ge=1), "size": Key("list"),
-            "seed": Key("int"), "workers": Key("int", none=True, ge=0),
-        }, none=True),
-        "tasks": Key("list", none=True),
-        "batch_size": Key("int", ge=1),
-        "eval_batch_size": Key("int", ge=1),
-        "num_workers": Key("int", ge=0),
-        "augment": Key("any", none=True),  # bool, a recipe name or null
-        "options": Key("dict", none=True),  # dataset keyword arguments (resize, num_classes, ...)
+            "seed": Key("int", default=0), "workers": Key("int", none=True, ge=0, default=None),
+        }, none=True),  # null or absent: the data is on disk already
+        "tasks": Key("list", none=True, default=None),  # null: every task of the dataset
+        "batch_size": Key("int", ge=1, default=8),
+        "eval_batch_size": Key("int", none=True, ge=1, default=None),  # null: batch_size
+        "num_workers": Key("int", ge=0, default=0),
+        "augment": Key("any", none=True, default=False),  # bool, a recipe name or null
+        "options": Key("dict", none=True, default=None),  # dataset keyword arguments (resize, num_classes, ...)
     }, required=True),
+    # No defaults here: every key goes to the model class as a keyword, whose own defaults apply.
     "model": Section({
         "name": Key("str", required=True),
         "backbone": Key("str"),
@@ -182,15 +198,18 @@ SCHEMA = Section({
     "optim": Section({
         "name": Key("str", required=True, choices=("adam", "adamw", "sgd")),
         "lr": Key("float", required=True, gt=0),
-        "weight_decay": Key("float", ge=0),
-        "momentum": Key("float", ge=0),
-        "nesterov": Key("bool"),
+        # null: the optimizer's own (0 for adam and sgd, 0.01 for adamw)
+        "weight_decay": Key("float", none=True, ge=0, default=None),
+        "momentum": Key("float", ge=0, default=0.9),  # sgd only
+        "nesterov": Key("bool", default=False),  # sgd only
     }, required=True),
     "schedule": Section({
         "name": Key("str", required=True, choices=("cosine", "poly", "step", "none")),
-        "min_lr": Key("float", ge=0), "power": Key("float", gt=0),
-        "step_size": Key("int", ge=1), "gamma": Key("float", gt=0),
-    }, none=True),
+        "min_lr": Key("float", ge=0, default=0.0), "power": Key("float", gt=0, default=0.9),
+        "step_size": Key("int", ge=1),  # required by name=step, which has no natural period
+        "gamma": Key("float", gt=0, default=0.1),
+    }, none=True, default={"name": "none"}),
+    # Keys without defaults here: MultiTaskLoss's own defaults apply.
     "loss": Section({
         "weighting": Key("str", choices=("fixed", "uncertainty", "dwa")),
         "weights": Key("any", none=True),  # {task: weight}, a list, or null (all 1)
@@ -198,23 +217,24 @@ SCHEMA = Section({
         "aux_weight": Key("float", ge=0),
         "temperature": Key("float", gt=0),
         "edge_pos_weight": Key("float", ge=0),
-    }, none=True),
+    }, none=True, default={}),
     "train": Section({
-        "epochs": Key("int", ge=1),
-        "amp": Key("str", none=True, choices=("bf16", "fp16")),
-        "grad_clip": Key("float", none=True, gt=0),
-        "eval_every": Key("int", ge=1),
-        "log_every": Key("int", ge=1),
-        "save_images": Key("int", ge=0),
-        "max_steps_per_epoch": Key("int", none=True, ge=1),
-        "find_unused_parameters": Key("bool"),
-    }),
+        "epochs": Key("int", ge=1, default=1),
+        "amp": Key("str", none=True, choices=("bf16", "fp16"), default=None),
+        "grad_clip": Key("float", none=True, gt=0, default=None),
+        "eval_every": Key("int", ge=1, default=1),
+        "log_every": Key("int", ge=1, default=20),
+        "save_images": Key("int", ge=0, default=4),
+        "max_steps_per_epoch": Key("int", none=True, ge=1, default=None),
+        "find_unused_parameters": Key("bool", default=False),
+    }, default={}),
     "eval": Section({
-        "best_metric": Key("str"),  # delta_m or task/metric; checked against the tasks by the Trainer
-        "baselines": Key("path", none=True),
-        "edge_thresholds": Key("int", ge=1),
-        "original_resolution": Key("bool"),
-    }, none=True),
+        # delta_m or task/metric; checked against the tasks when the run is built
+        "best_metric": Key("str", default="delta_m"),
+        "baselines": Key("path", none=True, default=None),  # single-task results, for delta_m
+        "edge_thresholds": Key("int", ge=1, default=99),
+        "original_resolution": Key("bool", default=False),
+    }, none=True, default={}),
 })
 
 _KINDS = {
@@ -290,6 +310,50 @@ def validate(cfg: Any) -> dict:
     if errors:
         raise ConfigError("invalid config: " + "; ".join(errors))
     return cfg
+
+
+def _fill(node: dict, sec: Section) -> dict:
+    for k, spec in sec.keys.items():
+        if isinstance(spec, Section):
+            if node.get(k) is None and spec.default is not None:
+                node[k] = copy.deepcopy(spec.default)
+            if isinstance(node.get(k), dict):
+                _fill(node[k], spec)
+        elif k not in node and spec.default is not NO_DEFAULT:
+            node[k] = copy.deepcopy(spec.default)
+    return node
+
+
+def _copy_tree(node: Any) -> Any:
+    # Mappings and lists are copied, other values shared: a config may hold state dicts
+    # (model.single_task_weights) that are not worth copying.
+    if isinstance(node, dict):
+        return {k: _copy_tree(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_copy_tree(v) for v in node]
+    return node
+
+
+def with_defaults(cfg: dict) -> dict:
+    """A copy of ``cfg`` with the :data:`SCHEMA` default of every key it leaves out (and of every
+    section it leaves out or sets to null, where the section has one). Values it sets, null ones
+    included, stay; so does everything the schema does not know. Idempotent, and a partial config
+    (e.g. only ``data``) gets the defaults of what it has."""
+    return _fill(_copy_tree(cfg), SCHEMA)
+
+
+def defaults(sec: Section = SCHEMA, prefix: str = "") -> dict:
+    """``{"train.epochs": 1, ...}``: every dotted key with a default, and the default."""
+    out = {}
+    for k, spec in sec.keys.items():
+        dotted = f"{prefix}.{k}" if prefix else k
+        if isinstance(spec, Section):
+            if spec.default is not None:
+                out[dotted] = copy.deepcopy(spec.default)
+            out.update(defaults(spec, dotted))
+        elif spec.default is not NO_DEFAULT:
+            out[dotted] = copy.deepcopy(spec.default)
+    return out
 
 
 def output_dir(cfg: dict, override: Optional[str | Path] = None) -> Path:

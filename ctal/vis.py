@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import ops
 from .tasks import EDGE_IGNORE, IGNORE_INDEX
 
 __all__ = ["palette", "colorize_semseg", "colorize_depth", "colorize_normals", "colorize_edge",
@@ -163,8 +164,6 @@ def affinity_map(features: Tensor, pixel: Sequence[int], batch_index: int = 0,
     x = features[batch_index:batch_index + 1].detach()
     with torch.no_grad():
         if H * W <= max_full:
-            from . import ops
-
             a = ops.affinity(x)  # (1, T, N, N)
             row = a[0, :, i, :]
         else:

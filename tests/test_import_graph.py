@@ -122,12 +122,48 @@ def _reaches(src: str) -> set[str]:
     ("ctal.ops", "ctal.models"),
     ("ctal.data", "ctal.engine"),
     ("ctal.metrics", "ctal.engine"),
+    ("ctal.losses", "ctal.engine"),
+    ("ctal.nn", "ctal.engine"),
+    ("ctal.vis", "ctal.engine"),
+    ("ctal.models.registry", "model modules"),  # so that every model module can register itself
 ])
 def test_layers(low, high):
     forbidden = {m for m in GRAPH if m.startswith(high + ".") or m == high}
+    if high == "model modules":
+        forbidden = {m for m in GRAPH if m.startswith("ctal.models.")} - {
+            "ctal.models.registry", "ctal.models.backbones", "ctal.models.base"}
     if high == "implementations":
         forbidden = {"ctal.ops.backends", "ctal.ops.extension", "ctal.ops.linear", "ctal.ops.quadratic",
                      "ctal.ops.reference", "ctal.kernels"} | {m for m in GRAPH if m.startswith("ctal.kernels.")}
     sources = [m for m in GRAPH if m == low or m.startswith(low + ".")]
     bad = {s: sorted(_reaches(s) & forbidden) for s in sources}
     assert not any(bad.values()), {s: b for s, b in bad.items() if b}
+
+
+# Function-local imports of project modules, where a module-level one would not do.
+LOCAL_IMPORTS_OK = {
+    "ctal.kernels.compile_check": "imports the kernels after choosing compiled (not interpreted) mode",
+    "ctal.data.pascal": "the edge-label reader is needed only for the edge task",
+}
+
+
+def test_project_modules_are_imported_at_module_level():
+    """Inside ``ctal`` and ``kernels`` an import of a project module sits at the top of the file
+    (the benchmark scripts may set up their environment before importing ctal)."""
+    local = []
+    for name, path in MODULES.items():
+        if not name.startswith("ctal") or name in LOCAL_IMPORTS_OK:
+            continue
+        tree = ast.parse(path.read_text())
+        top, todo = set(), list(tree.body)  # module-level statements, also inside if / try blocks
+        while todo:
+            node = todo.pop()
+            top.add(id(node))
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                todo.extend(c for c in ast.iter_child_nodes(node) if isinstance(c, (ast.stmt, ast.excepthandler)))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                mod = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                if (isinstance(node, ast.ImportFrom) and node.level) or (mod or "").startswith("ctal"):
+                    local.append(f"{name}:{node.lineno}")
+    assert not local, local

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .._checks import check_grid, check_task_names
-from ..tasks import TASKS
+from ..tasks import IGNORE_INDEX, TASKS
 from .transforms import Normalize, Resize, build_augmentation
 
 __all__ = ["MultiTaskDataset", "DataFileError", "read_npy", "read_image", "select_tasks", "image_to_float"]
@@ -190,8 +190,6 @@ class MultiTaskDataset(Dataset):
 
 def to_label_tensor(arr: np.ndarray, num_classes: int, void_values: Iterable[int], path) -> torch.Tensor:
     """Class-id array -> int64 tensor with void -> IGNORE_INDEX; checks the id range."""
-    from ..tasks import IGNORE_INDEX
-
     a = np.asarray(arr)
     if a.dtype.kind == "f":
         if not np.isfinite(a).all() or (a != np.round(a)).any():

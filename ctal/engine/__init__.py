@@ -1,4 +1,6 @@
-"""Training engine: the loop, evaluation, checkpoints, logging and distributed setup."""
-from .trainer import Trainer, evaluate
+"""Training engine: building a run (:mod:`.build`), the loop (:mod:`.trainer`), evaluation and
+reports (:mod:`.evaluation`), checkpoints, logging and distributed setup."""
+from .evaluation import evaluate
+from .trainer import Trainer
 
 __all__ = ["Trainer", "evaluate"]

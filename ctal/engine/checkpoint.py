@@ -7,13 +7,16 @@ instead of NaN weights (or, worse, plausible ones) later.
 """
 from __future__ import annotations
 
+import os
 import random
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .._checks import state_dict_in
 from .._io import atomic_write, temp_files
 
 
@@ -127,3 +130,29 @@ def refuse_fresh_run(out_dir: str | Path) -> None:
     raise FileExistsError(f"output dir {out_dir} already holds checkpoints of an earlier run: "
                           f"{', '.join(describe(p) for p in found)}; a fresh run would overwrite them. "
                           f"{'; '.join(ways)}.")
+
+
+def load_model_state(source: str | os.PathLike | Mapping) -> dict:
+    """A model's state dict from ``source``: a trainer checkpoint (written by :func:`save`; the
+    state is under ``"model"``), a file holding a plain state dict, or such a dict; a DDP
+    ``module.`` prefix is stripped. Files are verified first (:func:`verify`).
+
+    Cross-Stitch / NDDR-CNN take their ``single_task_weights`` as state dicts, not paths (the
+    models do not depend on the engine): the config's ``model.single_task_weights``
+    ({task: checkpoint path}) is resolved with this before the model is built."""
+    where = "the source"
+    if isinstance(source, (str, os.PathLike)):
+        path = verify(source)
+        where = str(path)
+        try:
+            # A trainer checkpoint holds RNG states and config dicts besides the tensors.
+            source = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file named
+            raise CheckpointError(f"{path} could not be read ({e}); it may be truncated or not a "
+                                  f"PyTorch file") from e
+        if not isinstance(source, Mapping):
+            raise CheckpointError(f"{path} holds a {type(source).__name__}, not a state dict or a "
+                                  f"trainer checkpoint")
+    if not isinstance(source, Mapping):
+        raise TypeError(f"expected a checkpoint path or a state dict, got {type(source).__name__}")
+    return state_dict_in(source, where)

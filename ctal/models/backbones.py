@@ -26,8 +26,9 @@ from torch import Tensor, nn
 
 __all__ = ["HRNetBackbone", "HRNetFuse", "SwinBackbone", "ResNetBackbone", "LoadReport",
            "load_hrnet_weights", "load_swin_weights", "load_resnet_weights", "build_backbone",
-           "BACKBONES", "HRNET_OFFICIAL_URL", "RESNET_BACKBONES", "RESNET_STAGES",
-           "RESNET_STAGE_CHANNELS", "dilate_basic_layer", "is_resnet", "parse_resnet_name"]
+           "BACKBONES", "BACKBONE_FAMILIES", "HRNET_OFFICIAL_URL", "RESNET_BACKBONES", "RESNET_STAGES",
+           "RESNET_STAGE_CHANNELS", "backbone_family", "dilate_basic_layer", "is_resnet",
+           "parse_resnet_name"]
 
 HRNET_CHANNELS = (18, 36, 72, 144)
 HRNET_OFFICIAL_URL = "https://github.com/HRNet/HRNet-Image-Classification (HRNet-W18-C-Small-v2)"
@@ -437,7 +438,19 @@ def _resnet_torchvision_pretrained(backbone: ResNetBackbone) -> LoadReport:
     return _load(backbone, sd, f"torchvision:{enum}", _RESNET_HEAD_PREFIXES, strict=True)
 
 
-BACKBONES = ("hrnet_w18_small_v2", "swin_v2_t", "swin_v2_s", "swin_v2_b", "resnet18", "resnet50")
+# The backbones by family: a model accepts whole families (``ctal.models.register_model``), since
+# the members of a family differ only in depth / width, not in the feature maps they return.
+BACKBONE_FAMILIES = {"hrnet": ("hrnet_w18_small_v2",), "swin": tuple(SWIN_CHANNELS), "resnet": RESNET_BACKBONES}
+BACKBONES = tuple(name for names in BACKBONE_FAMILIES.values() for name in names)
+
+
+def backbone_family(name) -> str:
+    """The family (a key of :data:`BACKBONE_FAMILIES`) of the backbone ``name`` (one of
+    :data:`BACKBONES`); anything else is a ValueError."""
+    for family, names in BACKBONE_FAMILIES.items():
+        if name in names:
+            return family
+    raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
 
 
 def build_backbone(name: str, pretrained: bool = False,

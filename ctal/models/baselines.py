@@ -3,7 +3,7 @@
 - :class:`SingleTaskNet` (STL): one backbone + one head per task. HRNet: ``HRNetHead`` on the 4
   branches; Swin: DeepLab head on the 1/32 features; (dilated) ResNet-18/50: DeepLab-v3 head on
   ``layer4`` (the registry's ``stl_resnet``, the Multi-Task-Learning-PyTorch single-task
-  baselines whose weights ``ctal.models.seed_systems.init_from_single_task`` copies into
+  baselines whose weights ``ctal.models.stitched.init_from_single_task`` copies into
   Cross-Stitch / NDDR-CNN).
 - :class:`HardSharingNet` (HPS): one shared backbone, one head per task (heads as STL; on ResNet
   the registry's ``hps_resnet``, the protocol's "multi-task baseline").
@@ -30,6 +30,7 @@ from .backbones import HRNET_CHANNELS, HRNetBackbone, HRNetFuse, build_backbone
 from .base import MultiTaskModel
 from .blocks import FPM, InitialTaskPredictions, SABlock, add_scale_cascade, run_scale_cascade
 from .heads import BottleneckHead, DeepLabHead, HRNetHead
+from .registry import register_model
 
 __all__ = ["SingleTaskNet", "HardSharingNet", "PADNet", "PAPNet", "MTINet",
            "MultiTaskDistillation", "pap_affinity"]
@@ -41,6 +42,10 @@ def _task_head(backbone: nn.Module, num_outputs: int) -> nn.Module:
     return DeepLabHead(backbone.channels, num_outputs)
 
 
+@register_model("stl_resnet", backbones=("resnet",),
+                description="single-task networks on a (dilated) ResNet with DeepLab-v3 heads (the protocol's baseline)")
+@register_model("stl", backbones=("hrnet", "swin"), paper=True,
+                description="single-task networks: one backbone and head per task")
 class SingleTaskNet(MultiTaskModel):
     """STL: an independent backbone and head for every task (one network per task, evaluated
     together for convenience; the networks share nothing, so this equals training them
@@ -62,6 +67,10 @@ class SingleTaskNet(MultiTaskModel):
         return {"final": self.upsample(final, size), "aux": {}}
 
 
+@register_model("hps_resnet", backbones=("resnet",),
+                description="hard parameter sharing on a (dilated) ResNet with DeepLab-v3 heads")
+@register_model("hps", backbones=("hrnet", "swin"), paper=True,
+                description="hard parameter sharing: one shared backbone, one head per task")
 class HardSharingNet(MultiTaskModel):
     """HPS: shared backbone, task-specific heads. ``aux`` is empty. ``dilated``: as
     :class:`SingleTaskNet`."""
@@ -111,6 +120,8 @@ class MultiTaskDistillation(nn.Module):
         return out
 
 
+@register_model("padnet", backbones=("hrnet", "swin"), paper=True,
+                description="PAD-Net: initial predictions and multi-modal distillation between the tasks")
 class PADNet(MultiTaskModel):
     """PAD-Net (Xu et al. 2018) as the CTAL paper builds it; ``aux["initial"]`` are the initial
     predictions."""
@@ -155,6 +166,8 @@ def pap_affinity(features: Tensor, normalize: str = "channel") -> Tensor:
     return a / a.sum(dim=1, keepdim=True)
 
 
+@register_model("papnet", backbones=("hrnet", "swin"), paper=True,
+                description="PAP-Net: task-specific pixel affinities mixed across tasks and diffused")
 class PAPNet(MultiTaskModel):
     """PAP-Net (Zhang et al. 2019) as the CTAL paper builds it.
 
@@ -198,6 +211,8 @@ class PAPNet(MultiTaskModel):
         return {"final": self.upsample(final, size), "aux": {"initial": self.upsample(initial, size)}}
 
 
+@register_model("mti_net", backbones=("hrnet",), paper=True, multi_scale=True,
+                description="MTI-Net: initial predictions at 4 scales with FPMs, distillation per scale")
 class MTINet(MultiTaskModel):
     """MTI-Net (Vandenhende et al. 2020) on HRNet: initial predictions at 4 scales (coarse to fine,
     FPMs between them), PAD-Net distillation per scale, per-task ``HRNetHead`` over the 4 scales.

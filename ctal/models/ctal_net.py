@@ -29,10 +29,11 @@ from typing import Mapping, Sequence
 from torch import Tensor, nn
 
 from ..nn import CrossTaskAffinity
-from .backbones import HRNET_CHANNELS, HRNetBackbone, HRNetFuse, SwinBackbone, build_backbone
+from .backbones import HRNET_CHANNELS, HRNetBackbone, HRNetFuse, build_backbone
 from .base import MultiTaskModel, check_size
 from .blocks import FPM, InitialTaskPredictions, add_scale_cascade, run_scale_cascade
 from .heads import BottleneckHead, DeepLabHead
+from .registry import register_model
 
 __all__ = ["CTALBlock", "CTALNet", "MCTALNet"]
 
@@ -101,6 +102,8 @@ class _CTALModel(MultiTaskModel):
         return self
 
 
+@register_model("ctal", backbones=("hrnet", "swin"), paper=True,
+                description="CTALNet: fused backbone features, initial predictions, one CTAL block, refined heads")
 class CTALNet(_CTALModel):
     """Single-scale EMA-Net / CTALNet on HRNet-W18-small-v2 (NYUv2, Cityscapes) or Swin-v2
     (PASCAL-Context). See the module docstring for the layer list.
@@ -143,6 +146,8 @@ class CTALNet(_CTALModel):
         return {"final": self.upsample(final, size), "aux": {"initial": self.upsample(initial, size)}}
 
 
+@register_model("m_ctal", backbones=("hrnet",), paper=True, multi_scale=True,
+                description="M-CTALNet: MTI-Net-style initial predictions at 4 scales with FPMs, one CTAL block at 1/4")
 class MCTALNet(_CTALModel):
     """Multi-scale EMA-Net / M-CTALNet on HRNet-W18-small-v2 (see the module docstring)."""
 

@@ -25,6 +25,7 @@ from .base import MultiTaskModel
 from .blocks import Bottleneck, projection
 from .heads import DeepLabHead
 from .backbones import ResNetBackbone
+from .registry import register_model
 
 __all__ = ["AttentionLayer", "RefinementBlock", "MTAN"]
 
@@ -47,6 +48,8 @@ class RefinementBlock(nn.Sequential):
                                     downsample=projection(in_channels, out_channels)))
 
 
+@register_model("mtan", backbones=("resnet",),
+                description="MTAN: a shared ResNet with per-task attention masks at every stage")
 class MTAN(MultiTaskModel):
     """MTAN on ``resnet18`` / ``resnet50`` (``dilated`` by default). ``downsample``
     ({layer1: bool, layer2: bool, layer3: bool}) overrides where the attention path is

@@ -17,7 +17,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .cross_stitch import StitchedResNets
+from .registry import register_model
+from .stitched import StitchedResNets
 
 __all__ = ["NDDRLayer", "NDDRNet"]
 
@@ -45,6 +46,8 @@ class NDDRLayer(nn.Module):
         return {t: self.layer[t](cat) for t in self.tasks}
 
 
+@register_model("nddr_cnn", backbones=("resnet",),
+                description="NDDR-CNN: single-task ResNets fused by NDDR layers (1x1 conv + BN) after every stage")
 class NDDRNet(StitchedResNets):
     """NDDR-CNN. Args as :class:`ctal.models.cross_stitch.CrossStitchNet`, with ``stages`` (all
     stages run; default the protocol's ``conv, layer1_without_conv, layer2, layer3, layer4``) and
@@ -60,7 +63,8 @@ class NDDRNet(StitchedResNets):
         if "layer1" in stages:
             raise ValueError("NDDR-CNN runs the stem ('conv') and 'layer1_without_conv' separately; "
                              "use those instead of 'layer1'")
-        super().__init__(tasks, num_outputs, input_size, backbone, pretrained, weights, dilated, stages)
+        super().__init__(tasks, num_outputs, input_size, backbone, pretrained, weights, dilated, stages,
+                         single_task_weights)
         nddr_stages = list(self.stages if nddr_stages is None else nddr_stages)
         bad = [s for s in nddr_stages if s not in self.stages]
         if bad:
@@ -68,9 +72,6 @@ class NDDRNet(StitchedResNets):
         self.alpha, self.beta, self.mixing_lr_mult = float(alpha), float(beta), float(mixing_lr_mult)
         self.nddr = nn.ModuleDict({s: NDDRLayer(self.tasks, self.stage_channels[s], alpha, beta, bn_momentum)
                                    for s in nddr_stages})
-        if single_task_weights:
-            from .seed_systems import init_from_single_task
-            init_from_single_task(self, single_task_weights)
 
     def fuse(self, stage, x):
         return self.nddr[stage](x) if stage in self.nddr else x

@@ -52,6 +52,7 @@ from torchvision.ops import StochasticDepth
 from .backbones import HRNET_CHANNELS, HRNetBackbone, build_backbone
 from .base import MultiTaskModel
 from .blocks import FPM, BasicBlock, add_scale_cascade, projection, run_scale_cascade
+from .registry import register_model
 
 __all__ = ["WindowAttentionBlock", "WindowSelfAttention", "GlobalContextAttention", "CrossTaskAttention", "FPMA",
            "CrossScaleHead", "SCANet"]
@@ -202,6 +203,8 @@ class CrossScaleHead(nn.Module):
         return self.last_layer(torch.cat(pieces, dim=1))
 
 
+@register_model("sca", backbones=("hrnet",), multi_scale=True,
+                description="SCA: sequential cross-task then cross-scale attention on MTI-Net")
 class SCANet(MultiTaskModel):
     """SCA on HRNet-W18-small-v2. ``aux["scale_k"]`` are the initial predictions at the 4 scales.
 

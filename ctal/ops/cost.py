@@ -15,10 +15,8 @@ __all__ = ["flops", "backend_flops", "Decision", "decide", "NXN_MEMORY_LIMIT", "
 # the linear form (or a fused kernel) even when quadratic has fewer FLOPs.
 NXN_MEMORY_LIMIT = 2 * 1024 ** 3
 # Unfused quadratic backends stream B x N x N buffers through memory several times per call and
-# reached about half the FLOP rate of the linear form's GEMMs on the same machine (0.04-0.10 vs
-# 0.10-0.17 TFLOP/s, benchmarks/results/ops-cpu2-2026-11-25.md), so ``auto`` weighs their FLOPs
-# twice; unweighted, it would pick ``quadratic`` at the Cityscapes shape (1.09x fewer FLOPs than
-# linear), where a training step runs at 0.87x the reference against 1.36x for ``cpp``.
+# run at about half the FLOP rate of the linear form's GEMMs (the op benchmark's CPU results), so
+# ``auto`` weighs their FLOPs twice.
 NXN_FLOP_WEIGHT = 2.0
 
 

@@ -1,8 +1,6 @@
 """The benchmark harness itself runs end to end (tiny shape, results not written)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 

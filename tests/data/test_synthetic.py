@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,7 +173,7 @@ def test_refuses_to_write_into_a_real_dataset(tmp_path):
 
 
 def test_trainer_refuses_a_real_dataset_as_synthetic_root(tmp_path):
-    from ctal.engine.trainer import build_data
+    from ctal.engine.build import build_data
     root = tmp_path / "nyuv2"
     _fake_nyuv2(root)
     before = _snapshot(root)

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -93,6 +92,37 @@ def test_config_validation_accepts_nullable_and_free_entries():
         assert part in str(e.value)
 
 
+def test_schema_defaults_fill_what_a_config_leaves_out():
+    raw = cfglib.load("synthetic")
+    assert "momentum" not in raw["optim"] and "find_unused_parameters" not in raw["train"]  # as written
+    cfg = cfglib.with_defaults(raw)
+    assert raw == cfglib.load("synthetic")  # a copy: the given config is not modified
+    assert cfg["optim"]["momentum"] == 0.9 and cfg["optim"]["nesterov"] is False
+    assert cfg["optim"]["weight_decay"] == 1e-4  # set values stay
+    assert cfg["train"]["find_unused_parameters"] is False and cfg["train"]["save_images"] == 4
+    assert cfg["data"]["eval_batch_size"] is None and cfg["data"]["generate"]["workers"] is None
+    assert cfg["eval"]["original_resolution"] is False and cfg["eval"]["edge_thresholds"] == 19
+    assert cfg["schedule"] == {"name": "cosine", "min_lr": 0.0, "power": 0.9, "gamma": 0.1}
+    assert cfglib.with_defaults(cfg) == cfg
+    assert cfglib.validate(cfg) is cfg
+    # A section left out or null stands for its default; one without a default stays out, and
+    # the model's keys are the model class's (no defaults in the schema).
+    bare = cfglib.with_defaults({"data": {"dataset": "synthetic", "root": "x"}, "model": {"name": "ctal"},
+                                 "optim": {"name": "adam", "lr": 1.0}, "schedule": None, "eval": None})
+    assert bare["schedule"] == {"name": "none", "min_lr": 0.0, "power": 0.9, "gamma": 0.1}
+    assert bare["eval"] == {"best_metric": "delta_m", "baselines": None, "edge_thresholds": 99,
+                            "original_resolution": False}
+    assert bare["train"]["epochs"] == 1 and bare["loss"] == {} and bare["device"] == "auto"
+    assert "generate" not in bare["data"] and bare["model"] == {"name": "ctal"}
+    cfglib.validate(bare)
+    # every default is listed, by dotted key, and is a value its key accepts
+    d = cfglib.defaults()
+    assert d["optim.momentum"] == 0.9 and d["train.log_every"] == 20 and d["schedule"] == {"name": "none"}
+    assert not any(k.startswith("model.") for k in d)
+    cfglib.validate(cfglib.with_defaults({**bare, "data": {**bare["data"], "generate": {
+        "num_train": 1, "num_val": 1, "size": [8, 8]}}}))
+
+
 def test_bad_config_fails_before_data_is_generated(tmp_path):
     with pytest.raises(ValueError, match="train.epochs must be"):
         Trainer(tiny_cfg(tmp_path, **{"train.epochs": 0}), progress=False)
@@ -109,7 +139,7 @@ def test_best_metric_typo_is_caught_when_the_trainer_is_built(tmp_path):
     assert not (tmp_path / "data").exists()  # before any data was generated
     with pytest.raises(ValueError, match=r"'sal/maxF' is not a metric of this run's tasks"):
         Trainer(tiny_cfg(tmp_path, **{"eval.best_metric": "sal/maxF"}), progress=False)
-    from ctal.engine.trainer import check_best_metric
+    from ctal.engine.evaluation import check_best_metric
     check_best_metric("depth/rmse", ["semseg", "depth"])
     check_best_metric("delta_m", ["semseg"])
 
@@ -353,7 +383,7 @@ def _random_batch(tasks, num_classes, B, H, W):
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_paper_config_builds_and_steps(name):
     """Each paper config's model, loss and optimizer run one step (small input, random data)."""
-    from ctal.engine.trainer import build_optimizer
+    from ctal.engine.build import build_optimizer
     from ctal.losses import MultiTaskLoss
     from ctal.models import build_model, paper_setup
     cfg = cfglib.load(name)

@@ -17,7 +17,8 @@ import torch
 
 from ctal import config as cfglib
 from ctal.engine import Trainer, checkpoint
-from ctal.engine.trainer import LRFactor, config_changes
+from ctal.engine.build import LRFactor
+from ctal.engine.trainer import config_changes
 from tests.helpers import tiny_cfg
 
 from tests.helpers import ROOT
@@ -161,6 +162,28 @@ def test_resume_cannot_shrink_below_the_epochs_done(finished_run, tmp_path):
     last = _copy(finished_run, tmp_path)
     t = _trainer(finished_run, tmp_path, **{"train.epochs": 1})
     with pytest.raises(cfglib.ConfigError, match=r"trained 2 epochs, more than train.epochs=1"):
+        t.resume(last)
+    t.close()
+
+
+def test_resume_of_a_config_without_the_schema_defaults(finished_run, tmp_path):
+    """A checkpoint's config as the run's file had it (keys left out, e.g. written before those
+    keys had schema defaults) resumes: a key left out compares as its default."""
+    last = _copy(finished_run, tmp_path)
+    s = checkpoint.load(last)
+    written = tiny_cfg(finished_run[0], **{"train.save_images": 0, "train.max_steps_per_epoch": 1})
+    del written["train"]["eval_every"]  # 1, the default
+    assert "momentum" not in written["optim"] and s["config"]["optim"]["momentum"] == 0.9
+    s["config"] = written
+    checkpoint.save(last, s)
+    t = _trainer(finished_run, tmp_path, **{"train.epochs": 3})
+    t.resume(last)
+    t.close()
+    assert t.cfg["optim"]["momentum"] == 0.9 and t.cfg["train"]["eval_every"] == 1
+    assert sorted(t.resumes[-1]["changed"]) == ["output_dir", "train.epochs"]
+    # a value the checkpoint's run did not have is still refused, default or not
+    t = _trainer(finished_run, tmp_path, **{"train.epochs": 3, "optim.momentum": 0.5})
+    with pytest.raises(cfglib.ConfigError, match=r"optim\.momentum \(checkpoint 0\.9, now 0\.5\)"):
         t.resume(last)
     t.close()
 

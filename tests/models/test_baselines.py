@@ -1,10 +1,9 @@
-"""The other seed systems: Cross-Stitch, NDDR-CNN, MTAN on (dilated) ResNet, SCA on HRNet, the
-single-task -> multitask initialization, the mixing-parameter learning rates, their configs, and
+"""The published multitask baselines: Cross-Stitch, NDDR-CNN, MTAN on (dilated) ResNet, SCA on
+HRNet, the single-task -> multitask initialization, the mixing-parameter learning rates, their configs, and
 the MTI-Net evaluation protocol (single-task baselines -> delta_m)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,9 @@ import torch
 from torch import nn
 
 from ctal import config as cfglib
+from ctal.engine.checkpoint import CheckpointError, load_model_state
 from ctal.metrics import delta_m, load_baselines
-from ctal.models import MODELS, build_model, list_models
+from ctal.models import MODELS, build_model, init_from_single_task, list_models, param_groups
 from ctal.models.backbones import ResNetBackbone, build_backbone, load_resnet_weights
 from ctal.models.base import MultiTaskModel
 from ctal.models.baselines import HardSharingNet, SingleTaskNet
@@ -21,10 +21,8 @@ from ctal.models.cross_stitch import CrossStitchNet
 from ctal.models.mtan import MTAN
 from ctal.models.nddr import NDDRNet
 from ctal.models.sca import SCANet, WindowSelfAttention
-from ctal.models.seed_systems import init_from_single_task, param_groups
 from ctal.tasks import output_channels
 
-from tests.helpers import ROOT
 from scripts import make_baselines
 
 TWO = {"semseg": 5, "depth": 1}
@@ -65,7 +63,7 @@ def test_resnet_dilation_and_weights():
         ResNetBackbone("resnet34")
 
 
-def test_registry_knows_the_seed_systems():
+def test_registry_knows_the_published_baselines():
     models = set(list_models())
     assert {"stl_resnet", "hps_resnet", "cross_stitch", "nddr_cnn", "mtan", "sca"} <= models
     # one implementation per name: the ResNet baselines are the generic STL / HPS classes
@@ -199,9 +197,15 @@ def stl_checkpoints(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="module")
+def stl_states(stl_checkpoints):
+    """The models' state dicts of ``stl_checkpoints``, read as the trainer reads them."""
+    return {t: load_model_state(path) for t, path in stl_checkpoints.items()}
+
+
 @pytest.mark.parametrize("cls", [CrossStitchNet, NDDRNet])
-def test_single_task_initialization_copies_every_tensor(cls, stl_checkpoints):
-    model = cls(list(TWO), TWO, (64, 64), backbone="resnet18", single_task_weights=stl_checkpoints)
+def test_single_task_initialization_copies_every_tensor(cls, stl_checkpoints, stl_states):
+    model = cls(list(TWO), TWO, (64, 64), backbone="resnet18", single_task_weights=stl_states)
     for t, path in stl_checkpoints.items():
         src = torch.load(path, weights_only=False)["model"]
         for k, v in model.backbones[t].state_dict().items():
@@ -223,10 +227,12 @@ def test_identity_mixing_reproduces_the_single_task_networks(stl_checkpoints):
         stl = SingleTaskNet([t], {t: TWO[t]}, (64, 64), backbone="resnet18")
         stl.load_state_dict(torch.load(path, weights_only=False)["model"])
         expected[t] = stl.eval()(x)["final"][t]
+    # trainer-checkpoint dicts ({"model": state, "epoch": ...}) are accepted as they are
+    checkpoints = {t: torch.load(path, weights_only=False) for t, path in stl_checkpoints.items()}
     cs = CrossStitchNet(list(TWO), TWO, (64, 64), backbone="resnet18", alpha=1.0, beta=0.0,
-                        single_task_weights=stl_checkpoints).eval()
+                        single_task_weights=checkpoints).eval()
     nd = NDDRNet(list(TWO), TWO, (64, 64), backbone="resnet18", alpha=1.0, beta=0.0,
-                 single_task_weights=stl_checkpoints).eval()
+                 single_task_weights=checkpoints).eval()
     with torch.no_grad():
         out_cs, out_nd = cs(x)["final"], nd(x)["final"]
     for t in TWO:
@@ -235,18 +241,18 @@ def test_identity_mixing_reproduces_the_single_task_networks(stl_checkpoints):
         torch.testing.assert_close(out_nd[t], expected[t], rtol=1e-3, atol=1e-4)
 
 
-def test_single_task_initialization_errors(stl_checkpoints):
+def test_single_task_initialization_errors(stl_states):
     model = CrossStitchNet(list(TWO), TWO, (64, 64), backbone="resnet18")
     with pytest.raises(ValueError, match="no source for tasks"):
-        init_from_single_task(model, {"semseg": stl_checkpoints["semseg"]})
+        init_from_single_task(model, {"semseg": stl_states["semseg"]})
     with pytest.raises(KeyError, match="no single-task network for 'depth'"):
-        init_from_single_task(model, {"semseg": stl_checkpoints["semseg"], "depth": stl_checkpoints["semseg"]})
+        init_from_single_task(model, {"semseg": stl_states["semseg"], "depth": stl_states["semseg"]})
     wrong = SingleTaskNet(["semseg", "depth"], {"semseg": 7, "depth": 1}, (64, 64), backbone="resnet18")
     with pytest.raises(ValueError, match="other shapes"):
         init_from_single_task(model, {"semseg": wrong.state_dict(), "depth": wrong.state_dict()})
     mtan = MTAN(list(TWO), TWO, (64, 64), backbone="resnet18")
     with pytest.raises(TypeError, match="Cross-Stitch / NDDR-CNN"):
-        init_from_single_task(mtan, stl_checkpoints)
+        init_from_single_task(mtan, stl_states)
     # a joint STL state dict (all tasks in one model) serves every task
     joint = SingleTaskNet(list(TWO), TWO, (64, 64), backbone="resnet18").state_dict()
     assert init_from_single_task(model, {t: joint for t in TWO}) == {
@@ -254,7 +260,7 @@ def test_single_task_initialization_errors(stl_checkpoints):
 
 
 
-def test_single_task_initialization_refuses_networks_that_are_not_single_task(stl_checkpoints):
+def test_single_task_initialization_refuses_networks_that_are_not_single_task(stl_states):
     """A multitask model's tensors fit the single-task columns (same names, same shapes) but were
     trained jointly: a shared HPS backbone, or Cross-Stitch columns trained with stitching. Copying
     them would be a silent change of method, so only single-task layouts are accepted."""
@@ -267,10 +273,62 @@ def test_single_task_initialization_refuses_networks_that_are_not_single_task(st
         init_from_single_task(model, {t: stitched for t in TWO})
     mtan = MTAN(list(TWO), TWO, (64, 64), backbone="resnet18").state_dict()
     with pytest.raises(ValueError, match=r"not a single-task network.*'attention\."):
-        init_from_single_task(model, {"semseg": mtan, "depth": stl_checkpoints["depth"]})
+        init_from_single_task(model, {"semseg": mtan, "depth": stl_states["depth"]})
     # a one-task hard-sharing net is a single-task network
     one = HardSharingNet(["depth"], {"depth": 1}, (64, 64), backbone="resnet18").state_dict()
-    assert init_from_single_task(model, {"semseg": stl_checkpoints["semseg"], "depth": one})["depth"] > 0
+    assert init_from_single_task(model, {"semseg": stl_states["semseg"], "depth": one})["depth"] > 0
+
+
+@pytest.mark.parametrize("cls", [CrossStitchNet, NDDRNet])
+def test_single_task_weights_are_state_dicts_not_paths(cls, stl_checkpoints, stl_states):
+    """The models do not read files (they do not depend on the engine): a path is a TypeError
+    that names the argument, the task and the function that reads it."""
+    for as_path in (Path, str):
+        paths = {t: as_path(p) for t, p in stl_checkpoints.items()}
+        with pytest.raises(TypeError, match=r"single_task_weights\['semseg'\] is a path .*"
+                                            r"ctal\.engine\.checkpoint\.load_model_state"):
+            cls(list(TWO), TWO, (64, 64), backbone="resnet18", single_task_weights=paths)
+    with pytest.raises(TypeError, match=r"single_task_weights\['depth'\] is a path"):
+        cls(list(TWO), TWO, (64, 64), backbone="resnet18",
+            single_task_weights={"semseg": stl_states["semseg"], "depth": str(stl_checkpoints["depth"])})
+    with pytest.raises(TypeError, match="single_task_weights must map each task.*load_model_state"):
+        cls(list(TWO), TWO, (64, 64), backbone="resnet18", single_task_weights=str(stl_checkpoints["semseg"]))
+    with pytest.raises(TypeError, match=r"single_task_weights\['semseg'\] must be a state dict"):
+        cls(list(TWO), TWO, (64, 64), backbone="resnet18", single_task_weights={t: 3 for t in TWO})
+    model = cls(list(TWO), TWO, (64, 64), backbone="resnet18")
+    with pytest.raises(TypeError, match=r"single_task_weights\['semseg'\] is a path"):
+        init_from_single_task(model, stl_checkpoints)
+
+
+def test_load_model_state_reads_checkpoints_state_dict_files_and_dicts(tmp_path, stl_checkpoints):
+    from ctal.engine import checkpoint
+    state = SingleTaskNet(["depth"], {"depth": 1}, (64, 64), backbone="resnet18").state_dict()
+
+    def same(sd):
+        return list(sd) == list(state) and all(torch.equal(sd[k], v) for k, v in state.items())
+
+    checkpoint.save(tmp_path / "run.pt", {"model": state, "epoch": 1, "rng": checkpoint.rng_state()})
+    torch.save(state, tmp_path / "plain.pt")
+    assert same(load_model_state(tmp_path / "run.pt")) and same(load_model_state(str(tmp_path / "plain.pt")))
+    assert same(load_model_state({"model": {f"module.{k}": v for k, v in state.items()}}))  # DDP prefix
+    assert same(load_model_state({"state_dict": state}))
+    stl = torch.load(stl_checkpoints["depth"], weights_only=False)["model"]  # torch.save'd {"model": ...}
+    loaded = load_model_state(stl_checkpoints["depth"])
+    assert list(loaded) == list(stl) and all(torch.equal(v, stl[k]) for k, v in loaded.items())
+    with pytest.raises(ValueError, match="not a state dict"):
+        load_model_state({"weights": 1})
+    with pytest.raises(TypeError, match="checkpoint path or a state dict"):
+        load_model_state(3)
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="holds a list"):
+        load_model_state(tmp_path / "list.pt")
+    with pytest.raises(FileNotFoundError):
+        load_model_state(tmp_path / "missing.pt")
+    damaged = bytearray((tmp_path / "plain.pt").read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # inside a tensor's data: only the CRC can tell
+    (tmp_path / "damaged.pt").write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_model_state(tmp_path / "damaged.pt")
 
 # --- learning-rate scheme of the mixing parameters ----------------------------------------------
 
@@ -412,7 +470,7 @@ def _config_step(name: str, size, full: bool) -> None:
     """Build the model of config ``name`` as the engine would (``full=False``: its first two tasks,
     ResNet-50 -> ResNet-18, to stay CI-sized), check the output contract, and take one optimizer
     step with the config's loss, optimizer (method's parameter groups) and schedule."""
-    from ctal.engine.trainer import build_optimizer, build_scheduler
+    from ctal.engine.build import build_optimizer, build_scheduler
     from ctal.losses import MultiTaskLoss
     cfg = cfglib.load(name)
     over = dict(pretrained=False)

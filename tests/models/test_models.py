@@ -273,7 +273,7 @@ def check_contract(out, tasks, num_classes, B, size):
 EXPECTED_AUX = {"ctal": {"initial"}, "padnet": {"initial"}, "papnet": {"initial"},
                 "m_ctal": {f"scale_{i}" for i in range(4)}, "mti_net": {f"scale_{i}" for i in range(4)},
                 "stl": set(), "hps": set(), "stl_resnet": set(), "hps_resnet": set(),
-                # the other seed systems (forward/backward in tests/models/test_baselines.py)
+                # the published multitask baselines (forward/backward in tests/models/test_baselines.py)
                 "cross_stitch": set(), "nddr_cnn": set(), "mtan": set(),
                 "sca": {f"scale_{i}" for i in range(4)}}
 
