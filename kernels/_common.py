@@ -25,6 +25,12 @@ except Exception as exc:  # pragma: no cover - depends on the environment
 # kernel modules are imported, so the mode is fixed here once.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# Under the interpreter, tiles are capped (its cost is per program and per loop trip, and tiny
+# test shapes should still span several tiles); CTAL_GPU_TILES=1 keeps the GPU configuration
+# instead (tiles, warps and the branches that depend on them), so the interpreter can check
+# exactly what a GPU launches. Read at import, like INTERPRET.
+GPU_TILES = os.environ.get("CTAL_GPU_TILES", "0") == "1"
+
 # The fused-quadratic and linear backward kernels hold all C channels of a pixel in one tile.
 MAX_CHANNELS = 256
 NORM_EPS = 1e-12  # F.normalize's default eps, as in ctal.ops.reference
@@ -137,11 +143,11 @@ def tile(gpu: int, interpret: int = 32) -> int:
     """Tile edge: ``gpu`` on a GPU; under the interpreter (whose cost is per program and per
     loop iteration) at most ``interpret``, small enough that the tiny test shapes still span
     several tiles."""
-    return min(gpu, interpret) if INTERPRET else gpu
+    return min(gpu, interpret) if INTERPRET and not GPU_TILES else gpu
 
 
 def warps(gpu: int) -> int:
-    return 1 if INTERPRET else gpu
+    return 1 if INTERPRET and not GPU_TILES else gpu
 
 
 def poisoned(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

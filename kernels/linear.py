@@ -8,7 +8,8 @@ The operands, never written to memory, are
     Q~[p, i] = w[i, t, d] n_t[c, i]                                plus row P:  bias_i (or 0)
 
 The extra row carries the bias term: ``G = K~ V^T`` (``(P+1) x R``, row P = sum_j v[:, j]) and
-``Y = G^T Q~`` is then exactly ``sum_{t,d} q^T G + b_i sum_j v``. Backward, with ``dY``:
+``Y = G^T Q~`` is then exactly ``sum_{t,d} q^T G + b_i sum_j v``. Row P, a sum over all pixels,
+is applied in the accumulator dtype after the dot loop, never cast to a 16-bit dot operand. Backward, with ``dY``:
 ``dG = Q~ dY^T`` (same kernel as G), ``dV = dG^T K~`` (same kernel as Y; row P gives ``b^T dY``),
 and ``linear_bwd_kernel`` forms ``dQ~ = G dY`` and ``dK~ = dG V`` tile by tile, folding them into
 ``dn`` (un-shifting dK~ by reading V at ``k - d``), ``dw``, ``db`` and the normalization backward.
@@ -111,13 +112,22 @@ def linear_out_fwd_kernel(x_ptr, nrm_ptr, w_ptr, bias_ptr, s_ptr, out_ptr, T, C,
     nrm_base = nrm_ptr + pid_b * T * N
     s_base = s_ptr + pid_b * P1 * R
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=ACC)
-    for p0 in range(0, P1, BLOCK_P):
+    for p0 in range(0, P1 - 1, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)  # [BP]
         st = tl.load(s_base + offs_p[None, :] * R + offs_r[:, None],
-                     mask=r_ok[:, None] & (offs_p[None, :] < P1), other=0.0)  # [BR, BP]
+                     mask=r_ok[:, None] & (offs_p[None, :] < P1 - 1), other=0.0)  # [BR, BP]
         op = _operand_tile(x_base, nrm_base, w_ptr, bias_ptr, offs_p, offs_n, ny, nx, n_ok,
                            T, C, N, H, W, IS_QUERY, HAS_BIAS, ACC)  # [BP, BN]
         acc = tl.dot(st.to(DOT), op.to(DOT), acc, input_precision=PREC, out_dtype=ACC)  # [BR, BN]
+    # The bias row P (a sum over all N pixels: sum_j v[:, j] in G, sum_i b_i dy[:, i] in dG) stays
+    # in the accumulator dtype: cast to fp16 for the dot it overflows at realistic N.
+    s_bias = tl.load(s_base + (P1 - 1) * R + offs_r, mask=r_ok, other=0.0).to(ACC)  # [BR]
+    if IS_QUERY:
+        if HAS_BIAS:
+            b_n = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(ACC)  # [BN]
+            acc += s_bias[:, None] * b_n[None, :]
+    else:
+        acc += s_bias[:, None] * tl.where(n_ok, 1.0, 0.0).to(ACC)[None, :]
     out_offs = pid_b * R * N + offs_r[:, None] * N + offs_n[None, :]  # [BR, BN]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty),
              mask=r_ok[:, None] & n_ok[None, :])
