@@ -69,8 +69,12 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd(const at::Tensor& x, const at::Ten
 
   at::Tensor Y = at::bmm(G.transpose(1, 2), p.q.view({g.B, g.P, g.N}));  // [B, R, N]
   if (bias.has_value()) {
-    at::Tensor sumv = vc.view({g.B, g.R, g.N}).sum(2, /*keepdim=*/true);  // [B, R, 1]
-    Y.baddbmm_(sumv, bias->reshape({1, 1, g.N}).expand({g.B, 1, g.N}));
+    // sum_j v[:, j] runs over all N pixels: kept in fp32 for 16-bit inputs, where it overflows
+    // (the product with a small bias is what must be representable).
+    const at::ScalarType acc = is_half_like(x.scalar_type()) ? at::kFloat : x.scalar_type();
+    const at::Tensor sumv = vc.view({g.B, g.R, g.N}).sum(2, /*keepdim=*/true, acc);  // [B, R, 1]
+    const at::Tensor b = bias->to(acc).reshape({1, 1, g.N}).expand({g.B, 1, g.N});
+    Y.add_(at::bmm(sumv, b).to(Y.scalar_type()));
   }
   return {Y.view({g.B, g.T, g.C, g.H, g.W}), G};
 }
@@ -118,8 +122,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd(
   if (bias.has_value()) {
     const at::Tensor b3 = bias->reshape({1, g.N, 1}).expand({g.B, g.N, 1});
     dv = dv + at::bmm(dym, b3).view({g.B, g.R, 1, 1});  // sum_i dY[r, i] b_i
-    const at::Tensor sumv = vc.view({g.B, 1, g.R, g.N}).sum(3);  // [B, 1, R]
-    db = at::bmm(sumv, dym).sum(0).view({g.N});
+    const at::ScalarType acc = is_half_like(x.scalar_type()) ? at::kFloat : x.scalar_type();
+    const at::Tensor sumv = vc.view({g.B, 1, g.R, g.N}).sum(3, /*keepdim=*/false, acc);  // [B, 1, R]
+    db = at::bmm(sumv, dym.to(acc)).sum(0).view({g.N}).to(x.scalar_type());
   } else {
     db = at::zeros({g.N}, x.options());
   }

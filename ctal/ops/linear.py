@@ -9,7 +9,8 @@ With ``P = 9*T*C`` stacked (shift d, task t, channel c) rows and ``R = T*C`` val
 ``K (B, P, N)`` holds the shifted normalized features, ``Q (B, P, N)`` the weight-scaled ones,
 ``G = K V^T (B, P, R)`` and ``Y = G^T Q + sumV b^T (B, R, N)``.
 ``forward``/``backward`` are autograd-free bodies; :data:`linear_attention` is the custom op
-made of them. ``K`` and ``Q`` are rebuilt in backward instead of being saved.
+made of them, :func:`traceable_attention` the forward alone under autograd (for export).
+``K`` and ``Q`` are rebuilt in backward instead of being saved.
 """
 from __future__ import annotations
 
@@ -52,6 +53,13 @@ def _weight_grid(weight: torch.Tensor, H: int, W: int) -> torch.Tensor:
     return weight.reshape(H, W, T, 9).permute(3, 2, 0, 1).unsqueeze(2)
 
 
+def _pixel_sum(vm: Tensor) -> Tensor:
+    """``sum_j v[:, j]`` over all N pixels, ``(B, R, 1)``: in fp32 for 16-bit inputs, where a sum
+    of N values overflows long before its product with a small bias does."""
+    acc = torch.float32 if vm.dtype in (torch.float16, torch.bfloat16) else vm.dtype
+    return vm.sum(2, keepdim=True, dtype=acc)
+
+
 def forward(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Returns ``y (B, T, C, H, W)`` and the small ``G (B, 9TC, TC)`` for reuse in backward."""
     B, T, C, H, W = x.shape
@@ -63,7 +71,7 @@ def forward(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tup
     q = (n.unsqueeze(1) * _weight_grid(weight, H, W)).reshape(B, P, N)
     y = g.transpose(1, 2) @ q  # [B, R, N]
     if bias is not None:
-        y = y + vm.sum(2, keepdim=True) * bias  # sum_j v[:, j] * b_i
+        y = y + (_pixel_sum(vm) * bias).to(y.dtype)  # sum_j v[:, j] * b_i
     return y.reshape(B, T, C, H, W), g
 
 
@@ -86,7 +94,7 @@ def backward(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Te
     dbias = None
     if bias is not None:
         dvm = dvm + (dym @ bias).unsqueeze(2)
-        dbias = (dym * vm.sum(2, keepdim=True)).sum((0, 1))
+        dbias = (dym * _pixel_sum(vm)).sum((0, 1)).to(bias.dtype)
 
     # Q = w * n: fold the 9 shifts back into the weight and into n.
     dweight = (dq * n.unsqueeze(1)).sum((0, 3))  # [9, T, H, W]
@@ -108,3 +116,10 @@ def _fake(x, v, weight, bias):
 
 
 linear_attention = define_op("linear", forward, backward, fake=_fake, saved=("g",))
+
+
+def traceable_attention(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The same forward as plain differentiable torch ops (autograd, no custom op): what model
+    export traces, since ONNX Runtime, TorchScript and ExportedProgram consumers have no
+    ``ctal::`` ops. Training should keep :data:`linear_attention`, whose backward saves memory."""
+    return forward(x, v, weight, bias)[0]

@@ -257,17 +257,3 @@ def test_gpu_matches_reference(backend, shape, bias, mode):
     for name, got, want in zip(["dx", "dv", "dweight", "dbias"], g, rg):
         assert got.dtype == dtype
         assert_close(got, want, tol, f"{backend} {mode} {name}")
-
-
-@pytest.mark.gpu
-def test_linear_fp16_bias_row_stays_in_fp32():
-    """Row P of G is sum_j v[:, j]: with |mean(v)| = 100 on the NYUv2 grid (N = 6912) it is about
-    7e5, past fp16's 65504. The output itself is representable (small bias, moderate weights), so
-    only a bias row cast to fp16 for the dot would turn it into inf."""
-    x, v, w, b = _problem(1, 1, 8, 72, 96, torch.float32, device="cuda")
-    x, v, w, b = x.half(), (v + 100).half(), (w / 9).half(), (b * 1e-3).half()
-    y = ops.ctal_attention(x, v, w, b, backend="triton-linear")
-    want = reference.ctal_attention(*(t.double() for t in (x, v, w, b)))
-    assert torch.isfinite(want).all() and want.abs().max() < 6e4  # representable in fp16
-    assert torch.isfinite(y).all()
-    assert_close(y.double(), want, 2e-2, "triton-linear fp16, large mean(v)")
