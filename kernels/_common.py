@@ -31,8 +31,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # exactly what a GPU launches. Read at import, like INTERPRET.
 GPU_TILES = os.environ.get("CTAL_GPU_TILES", "0") == "1"
 
-# The fused-quadratic and linear backward kernels hold all C channels of a pixel in one tile.
-MAX_CHANNELS = 256
+# The fused-quadratic and linear backward kernels hold all C channels of a pixel in one tile. Past
+# 128 channels that tile no longer fits the registers on sm_90 (fp32 at C = 130: 3.7 KB of local
+# memory per thread in fused_query_bwd, 0.5 KB in fused_fwd; python -m ctal.kernels.compile_check),
+# so wider problems are refused and ``auto`` takes the linear form's other implementations.
+MAX_CHANNELS = 128
 NORM_EPS = 1e-12  # F.normalize's default eps, as in ctal.ops.reference
 
 
