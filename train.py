@@ -19,17 +19,8 @@ import sys
 from pathlib import Path
 
 from ctal import config as cfglib
+from ctal._checks import positive_int_arg
 from ctal._io import write_json
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def parse(argv=None):
@@ -43,7 +34,7 @@ def parse(argv=None):
                     "holds checkpoints of an earlier run (they are replaced; without it such a run is refused)")
     ap.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the val split and exit")
     ap.add_argument("--checkpoint", default=None, help="weights for --eval-only (default: <output_dir>/best.pt)")
-    ap.add_argument("--max-steps-per-epoch", type=_positive_int, default=None, metavar="N",
+    ap.add_argument("--max-steps-per-epoch", type=positive_int_arg, default=None, metavar="N",
                     help="cap steps per epoch (smoke tests; N >= 1)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides")

@@ -4,6 +4,7 @@ task order recorded in a module's state dict. Each failure is a ``ValueError`` /
 naming the argument and what was expected."""
 from __future__ import annotations
 
+import argparse
 import numbers
 import os
 import warnings
@@ -80,6 +81,17 @@ def check_grid(size, name: str = "size") -> tuple[int, int]:
             or len(size) != 2 or not all(_is_int(s) and s > 0 for s in size)):
         raise ValueError(f"{name} must be an (H, W) pair of positive integers, got {size!r}")
     return int(size[0]), int(size[1])
+
+
+def positive_int_arg(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1 (the command lines' counts and batch sizes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def state_dict_in(source, name: str) -> dict:

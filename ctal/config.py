@@ -194,6 +194,7 @@ SCHEMA = Section({
         "stages": Key("list"), "nddr_stages": Key("list"),
         "mixing_lr_mult": Key("float", gt=0),
         "single_task_weights": Key("dict", none=True),
+        "sal_channels": Key("int", ge=1),  # 1 (sigmoid logit) or 2 (softmax), checked when built
     }, required=True, open=True),
     "optim": Section({
         "name": Key("str", required=True, choices=("adam", "adamw", "sgd")),
@@ -222,7 +223,6 @@ SCHEMA = Section({
         "epochs": Key("int", ge=1, default=1),
         "amp": Key("str", none=True, choices=("bf16", "fp16"), default=None),
         "grad_clip": Key("float", none=True, gt=0, default=None),
-        "eval_every": Key("int", ge=1, default=1),
         "log_every": Key("int", ge=1, default=20),
         "save_images": Key("int", ge=0, default=4),
         "max_steps_per_epoch": Key("int", none=True, ge=1, default=None),
@@ -234,8 +234,36 @@ SCHEMA = Section({
         "baselines": Key("path", none=True, default=None),  # single-task results, for delta_m
         "edge_thresholds": Key("int", ge=1, default=99),
         "original_resolution": Key("bool", default=False),
+        # after every `every`-th epoch, each of the last `final_epochs` and always the last one
+        "every": Key("int", ge=1, default=1),
+        "final_epochs": Key("int", ge=0, default=0),
+        # depth errors over all valid pixels of the set, or per image then averaged over images
+        "depth_average": Key("str", choices=("pixel", "image"), default="pixel"),
     }, none=True, default={}),
 })
+
+# Keys that moved: a config still using the old name is told the new one; a config stored in an
+# older checkpoint is read with :func:`migrate`, so the run still resumes.
+MOVED = {"train.eval_every": "eval.every"}
+
+
+def migrate(cfg: dict) -> dict:
+    """A copy of ``cfg`` with every key of :data:`MOVED` under its new name."""
+    cfg = copy.deepcopy(cfg)
+    for old, new in MOVED.items():
+        *old_path, old_key = old.split(".")
+        node = cfg
+        for part in old_path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or old_key not in node:
+            continue
+        value = node.pop(old_key)
+        *new_path, new_key = new.split(".")
+        target = cfg
+        for part in new_path:
+            target = target.setdefault(part, {})
+        target.setdefault(new_key, value)
+    return cfg
 
 _KINDS = {
     "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
@@ -290,6 +318,8 @@ def _check_section(prefix: str, node: Any, sec: Section, errors: list) -> None:
                 close = difflib.get_close_matches(str(k), list(sec.keys), n=3, cutoff=0.6)
                 hint = f"; did you mean {' or '.join(repr(prefix + '.' + c if prefix else c) for c in close)}?" \
                     if close else ""
+                if dotted in MOVED:
+                    hint = f"; it is {MOVED[dotted]!r} now"
                 errors.append(f"unknown config key {dotted!r}{hint} (known in {name}: {sorted(sec.keys)})")
         elif isinstance(spec, Section):
             _check_section(dotted, v, spec, errors)

@@ -1,7 +1,8 @@
 """Per-task losses and multitask loss weighting (fixed, uncertainty, DWA).
 
 Targets follow ``ctal/tasks.py`` (void/invalid markers are excluded from every loss); predictions
-are model outputs: logits for semseg / human_parts / edge / sal, raw depth, unnormalized normals.
+are model outputs: logits for semseg / human_parts / edge / sal (1 or 2 channels), raw depth,
+unnormalized normals.
 Every per-task loss is a mean over the *valid* pixels of the batch and is exactly 0 (with a
 gradient path, so DDP sees every parameter used) when a batch has no valid pixel.
 """
@@ -17,8 +18,8 @@ from torch import Tensor, nn
 from ._checks import TaskOrderState, check_task_names
 from .tasks import EDGE_IGNORE, IGNORE_INDEX, SAL_IGNORE, TASKS
 
-__all__ = ["segmentation_loss", "depth_loss", "normals_loss", "balanced_bce_loss", "edge_loss",
-           "saliency_loss", "task_loss", "MultiTaskLoss", "WEIGHTINGS"]
+__all__ = ["segmentation_loss", "depth_loss", "normals_loss", "balanced_bce_loss", "balanced_ce_loss",
+           "edge_loss", "saliency_loss", "task_loss", "MultiTaskLoss", "WEIGHTINGS"]
 
 WEIGHTINGS = ("fixed", "uncertainty", "dwa")
 
@@ -110,11 +111,46 @@ def balanced_bce_loss(logits: Tensor, target: Tensor, pos_weight: Optional[float
     return per_px[valid].mean()
 
 
+def balanced_ce_loss(logits: Tensor, target: Tensor, ignore_value: float = SAL_IGNORE,
+                     task: str = "sal") -> Tensor:
+    """Class-balanced cross-entropy over two class logits ``(B, 2, H, W)`` (channel 1 = positive),
+    ignoring ``ignore_value`` pixels: the saliency loss of the CTAL paper's code.
+
+    Each valid pixel's cross-entropy is weighted by the *other* class's share of the valid pixels
+    (``w_neg = n_pos / n``, ``w_pos = n_neg / n``) and the result is the weighted mean
+    ``sum w_y CE / sum w_y``, i.e. the mean of the two classes' mean cross-entropies. A batch with
+    one class only gives that class weight 0: the loss is 0 (with a gradient path), as with no
+    valid pixel."""
+    logits = _match(logits, target, task)
+    if logits.shape[1] != 2:
+        raise ValueError(f"{task}: expected 2 class logits, got {logits.shape[1]} channels")
+    if target.dim() == 4:
+        if target.shape[1] != 1:
+            raise ValueError(f"{task}: target must be (B, 1, H, W) or (B, H, W), got {tuple(target.shape)}")
+        target = target[:, 0]
+    valid = target != ignore_value
+    bad = valid & (target != 0) & (target != 1)
+    if bad.any():
+        raise ValueError(f"{task}: targets of the 2-class loss must be 0, 1 or {ignore_value:g} (ignore), "
+                         f"got {float(target[bad][0]):g}")
+    y = torch.where(valid, target, torch.zeros_like(target)).long()
+    n_pos = (y.bool() & valid).sum()
+    n_neg = valid.sum() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return _zero(logits)
+    ce = F.cross_entropy(logits, y, reduction="none")
+    w = torch.where(y.bool(), n_neg, n_pos).to(ce.dtype)[valid]
+    return (w * ce[valid]).sum() / w.sum()
+
+
 def edge_loss(logits: Tensor, target: Tensor, pos_weight: float = 0.95) -> Tensor:
     return balanced_bce_loss(logits, target, pos_weight, EDGE_IGNORE, "edge")
 
 
 def saliency_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Balanced BCE on a 1-channel logit, or :func:`balanced_ce_loss` on 2 class logits."""
+    if logits.dim() == 4 and logits.shape[1] == 2:
+        return balanced_ce_loss(logits, target, SAL_IGNORE, "sal")
     return balanced_bce_loss(logits, target, None, SAL_IGNORE, "sal")
 
 

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .tasks import EDGE_IGNORE, IGNORE_INDEX
+from .tasks import EDGE_IGNORE, IGNORE_INDEX, saliency_probability
 
-__all__ = ["palette", "colorize_semseg", "colorize_depth", "colorize_normals", "colorize_edge",
+__all__ = ["palette", "colorize_semseg", "colorize_depth", "colorize_normals", "colorize_edge", "ctal_rows",
            "colorize_image", "colorize_scalar", "affinity_map", "diffusion_map", "affinity_row",
            "visualize_sample", "make_grid", "save_grid"]
 
@@ -173,19 +173,59 @@ def affinity_map(features: Tensor, pixel: Sequence[int], batch_index: int = 0,
 
 
 def diffusion_map(features: Tensor, weight: Tensor, bias: Optional[Tensor], pixel: Sequence[int],
-                  batch_index: int = 0) -> Tensor:
+                  batch_index: int = 0, max_full: int = 4096) -> Tensor:
     """Row ``i`` of the CTAL diffusion matrix ``M`` (shared by all tasks) for ``pixel = (y, x)``:
-    ``M[i, j] = b_i + sum_t sum_d w[i, t, d] A_t[i, j + d]``, as an ``(H, W)`` map."""
+    ``M[i, j] = b_i + sum_t sum_d w[i, t, d] A_t[i, j + d]``, as an ``(H, W)`` map.
+
+    Grids up to ``max_full`` pixels run the CTAL stages themselves (``ctal.ops.affinity``,
+    ``align``, ``diffuse``); larger ones convolve the affinity row of :func:`affinity_map` with
+    ``w[i]`` instead of materializing ``N x N`` matrices (the same numbers)."""
+    if not isinstance(features, Tensor) or features.dim() != 5:
+        raise ValueError("features must be a (B, T, C, H, W) tensor")
     B, T, C, H, W = features.shape
     i = _pixel_index(pixel, H, W)
-    if tuple(weight.shape) != (H * W, T, 3, 3):
-        raise ValueError(f"weight must be (N, T, 3, 3) = ({H * W}, {T}, 3, 3), got {tuple(weight.shape)}")
-    rows = affinity_map(features, pixel, batch_index)  # (T, H, W)
+    if not isinstance(weight, Tensor) or tuple(weight.shape) != (H * W, T, 3, 3):
+        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be (N, T, 3, 3) = ({H * W}, {T}, 3, 3), got {got}")
+    if not 0 <= batch_index < B:
+        raise ValueError(f"batch_index {batch_index} outside [0, {B})")
+    if H * W <= max_full:
+        x = features[batch_index:batch_index + 1].detach().to(weight.dtype)
+        with torch.no_grad():
+            m = ops.diffuse(ops.align(ops.affinity(x), (H, W)), weight.detach(),
+                            None if bias is None else bias.detach())
+        return m[0, i].reshape(H, W)
+    rows = affinity_map(features, pixel, batch_index, max_full)  # (T, H, W)
     with torch.no_grad():
         m = F.conv2d(rows[None].to(weight.dtype), weight[i:i + 1].detach(), padding=1)[0, 0]
         if bias is not None:
             m = m + bias[i].detach()
     return m
+
+
+def ctal_rows(features: Tensor, weight: Tensor, bias: Optional[Tensor], pixels: Sequence[Sequence[int]],
+              batch_index: int = 0, max_full: int = 4096) -> tuple[Tensor, Tensor]:
+    """The affinity rows ``A_t[i]`` ``(P, T, H, W)`` and diffusion rows ``M[i]`` ``(P, H, W)`` of
+    several query ``pixels`` at once: :func:`affinity_map` and :func:`diffusion_map` with the
+    CTAL stages run once for all queries (grids up to ``max_full`` pixels)."""
+    if not isinstance(features, Tensor) or features.dim() != 5:
+        raise ValueError("features must be a (B, T, C, H, W) tensor")
+    B, T, C, H, W = features.shape
+    idx = [_pixel_index(p, H, W) for p in pixels]
+    if not isinstance(weight, Tensor) or tuple(weight.shape) != (H * W, T, 3, 3):
+        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be (N, T, 3, 3) = ({H * W}, {T}, 3, 3), got {got}")
+    if not 0 <= batch_index < B:
+        raise ValueError(f"batch_index {batch_index} outside [0, {B})")
+    if H * W > max_full:
+        a = torch.stack([affinity_map(features, p, batch_index, max_full) for p in pixels])
+        m = torch.stack([diffusion_map(features, weight, bias, p, batch_index, max_full) for p in pixels])
+        return a, m
+    x = features[batch_index:batch_index + 1].detach().to(weight.dtype)
+    with torch.no_grad():
+        a = ops.affinity(x)  # (1, T, N, N)
+        m = ops.diffuse(ops.align(a, (H, W)), weight.detach(), None if bias is None else bias.detach())
+    return a[0][:, idx].transpose(0, 1).reshape(len(idx), T, H, W), m[0, idx].reshape(len(idx), H, W)
 
 
 def _mark(rgb: np.ndarray, pixel: Sequence[int]) -> np.ndarray:
@@ -268,6 +308,8 @@ def visualize_sample(sample: dict, pred: Optional[dict] = None, num_classes: Opt
             return colorize_depth(x)
         if task == "normals":
             return colorize_normals(x)
+        if task == "sal" and is_pred:  # 1 or 2 channels of logits
+            return colorize_edge(saliency_probability(x[None].float())[0])
         return colorize_edge(x, logits=is_pred)
 
     top = [colorize_image(sample["image"][index])] + [draw(t, sample[t][index], False) for t in order]

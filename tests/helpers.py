@@ -77,3 +77,15 @@ def tiny_cfg(tmp_path, **over) -> dict:
         "train.save_images=1", "eval.edge_thresholds=5", f"output_dir={tmp_path / 'out'}",
         "train.max_steps_per_epoch=2"])
     return config.apply_overrides(cfg, [f"{k}={v}" for k, v in over.items()])
+
+
+def tiny_checkpoint(folder: Path, **over) -> Path:
+    """A trainer checkpoint of the :func:`tiny_cfg` run at step 0 (``<folder>/out/last.pt``), as
+    ``train.py`` writes it, without training: for tests that only need a model to load."""
+    from ctal.engine import Trainer, checkpoint
+
+    trainer = Trainer(tiny_cfg(folder, **over), device="cpu", progress=False)
+    try:
+        return checkpoint.save(trainer.out / "last.pt", trainer.state(0))
+    finally:
+        trainer.close()

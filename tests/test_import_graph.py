@@ -125,6 +125,7 @@ def _reaches(src: str) -> set[str]:
     ("ctal.losses", "ctal.engine"),
     ("ctal.nn", "ctal.engine"),
     ("ctal.vis", "ctal.engine"),
+    ("ctal.figures", "ctal.engine"),
     ("ctal.models.registry", "model modules"),  # so that every model module can register itself
 ])
 def test_layers(low, high):

@@ -134,6 +134,8 @@ class MultiTaskDataset(Dataset):
     name = "dataset"
     default_augmentation = "scale_crop"
     inverse_depth = False
+    # task -> class names in id order; subclasses name the classes of their label sets
+    known_class_names: Mapping[str, Sequence[str]] = {}
 
     def __init__(self, root, split: str, tasks: Sequence[str], num_classes: Mapping[str, int],
                  size: tuple[int, int], augment=None, resize: Optional[Sequence[int]] = None,
@@ -149,6 +151,17 @@ class MultiTaskDataset(Dataset):
                         if split == "train" else None)
         self._resize = Resize(resize) if resize is not None else None
         self._normalize = Normalize() if normalize else None
+
+    @property
+    def class_names(self) -> dict[str, tuple[str, ...]]:
+        """Segmentation task -> its class names in id order (for legends). A task whose names
+        the dataset does not know (or whose count differs from ``num_classes``) gets
+        ``"class 0"``, ``"class 1"``, ..."""
+        out = {}
+        for t, n in self.num_classes.items():
+            names = tuple(str(c) for c in self.known_class_names.get(t, ()))
+            out[t] = names if len(names) == n else tuple(f"class {i}" for i in range(n))
+        return out
 
     def _load(self, index: int) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -33,9 +33,20 @@ from .base import (DataFileError, MultiTaskDataset, image_to_float, npy_shape, r
                    size_mismatch_error, to_label_tensor)
 from .._checks import check_grid
 
-__all__ = ["NpyMultiTaskDataset", "NYUv2", "Cityscapes", "SyntheticScenes"]
+__all__ = ["NpyMultiTaskDataset", "NYUv2", "Cityscapes", "SyntheticScenes", "NYUV2_CLASSES", "CITYSCAPES_CLASSES"]
 
 _NUM_RE = re.compile(r"^(\d+)\.npy$")
+
+# The 13-class NYUv2 labels (Couprie et al. 2013) of the MTAN / EMA-Net preprocessing, ids 0..12.
+NYUV2_CLASSES = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "picture", "sofa",
+                 "table", "tv", "wall", "window")
+# Cityscapes train ids 0..18, and the 7 categories (void removed) of the label_7 preprocessing.
+CITYSCAPES_CLASSES = {
+    19: ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+         "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+         "bicycle"),
+    7: ("flat", "construction", "object", "nature", "sky", "human", "vehicle"),
+}
 
 
 class NpyMultiTaskDataset(MultiTaskDataset):
@@ -198,6 +209,7 @@ class NYUv2(NpyMultiTaskDataset):
     available = ("semseg", "depth", "normals")
     default_tasks = ("semseg", "depth", "normals")
     classes = {"semseg": 13}
+    known_class_names = {"semseg": NYUV2_CLASSES}
     void_values = (-1,)
     expected_size = None  # the papers use 288x384; other preprocessings are allowed
 
@@ -219,6 +231,7 @@ class Cityscapes(NpyMultiTaskDataset):
             raise ValueError(f"Cityscapes num_classes must be 7 or 19, got {num_classes!r}")
         self.folders = {"semseg": f"label_{num_classes}", "depth": "depth"}
         self.classes = {"semseg": num_classes}
+        self.known_class_names = {"semseg": CITYSCAPES_CLASSES[num_classes]}
         super().__init__(root, split, tasks, augment=augment, **kw)
 
 
@@ -240,7 +253,7 @@ class SyntheticScenes(NpyMultiTaskDataset):
                 f"`python -m ctal.data.synthetic --out {root}` or ctal.data.synthetic.ensure(root)")
         try:
             meta = json.loads(meta_path.read_text())
-            self.class_names = tuple(meta["classes"])
+            self.known_class_names = {"semseg": tuple(str(c) for c in meta["classes"])}
             self.classes = {"semseg": int(meta["num_classes"])}
             expected_n = int(meta["num"]["val" if split in ("val", "test") else "train"])
         except (ValueError, KeyError, TypeError) as e:

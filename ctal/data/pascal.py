@@ -35,7 +35,8 @@ from .base import (DataFileError, MultiTaskDataset, image_size, image_to_float, 
                    select_tasks, size_mismatch_error, to_label_tensor)
 from .._checks import check_grid
 
-__all__ = ["PascalContextMT", "NYUDMT", "HUMAN_PART_GROUPS", "label_boundaries"]
+__all__ = ["PascalContextMT", "NYUDMT", "HUMAN_PART_GROUPS", "label_boundaries", "VOC_CLASSES", "HUMAN_PART_CLASSES",
+           "NYU40_CLASSES"]
 
 # Pascal-Part person part name -> one of 6 groups (1 head, 2 torso, 3 upper arm, 4 lower arm /
 # hand, 5 upper leg, 6 lower leg / foot); 0 is background.
@@ -48,6 +49,19 @@ HUMAN_PART_GROUPS = {
     "llleg": 6, "rlleg": 6, "lfoot": 6, "rfoot": 6,
 }
 PERSON_CLASS = 15
+
+# Class names in id order: the PASCAL VOC classes (semseg), the human-part groups above, and the
+# NYU40 classes of NYUD-MT.
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa",
+               "train", "tv monitor")
+HUMAN_PART_CLASSES = ("background", "head", "torso", "upper arm", "lower arm / hand", "upper leg",
+                      "lower leg / foot")
+NYU40_CLASSES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
+                 "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
+                 "floor mat", "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel",
+                 "shower curtain", "box", "whiteboard", "person", "night stand", "toilet", "sink", "lamp",
+                 "bathtub", "bag", "other structure", "other furniture", "other prop")
 
 # PASCAL-Context label ids (of the 459-class LabelMap) whose class also exists in NYUD, plus
 # tvmonitor: the pixels where distilled normals are trusted.
@@ -136,6 +150,7 @@ class PascalContextMT(MultiTaskDataset):
 
     name = "pascal_context"
     default_augmentation = "pascal"
+    known_class_names = {"semseg": VOC_CLASSES, "human_parts": HUMAN_PART_CLASSES}
     available = ("semseg", "human_parts", "normals", "sal", "edge")
 
     def __init__(self, root, split: str = "train", tasks: Optional[Sequence[str]] = None, augment=None,
@@ -279,6 +294,7 @@ class NYUDMT(MultiTaskDataset):
 
     name = "nyud_mt"
     default_augmentation = "nyud"
+    known_class_names = {"semseg": NYU40_CLASSES}
     available = ("semseg", "depth", "normals", "edge")
 
     def __init__(self, root, split: str = "train", tasks: Optional[Sequence[str]] = None, augment=None,

@@ -7,11 +7,13 @@ pass a config as loaded.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
 import random
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Mapping, Optional
 
 import numpy as np
@@ -24,7 +26,8 @@ from ..data import DATASETS, build_dataset, synthetic
 from ..losses import MultiTaskLoss
 from ..models import build_model, list_models
 from ..models.backbones import BACKBONES
-from ..ops import backends
+from ..nn import CrossTaskAffinity
+from ..ops import backends, check_backend
 from ..tasks import TASKS
 from . import checkpoint, distributed
 
@@ -165,6 +168,89 @@ def model_for(cfg: dict, dataset, load_pretrained: bool = True) -> nn.Module:
         m["single_task_weights"] = _loaded_states(m["single_task_weights"])
     return build_model(name, tasks=list(dataset.tasks), num_classes=dict(dataset.num_classes),
                        input_size=tuple(dataset.size), **m)
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A model rebuilt from a trainer checkpoint (:func:`model_from_checkpoint`), with what its
+    predictions mean."""
+    model: nn.Module  # in eval mode
+    config: dict  # the run's config, schema defaults filled in
+    checkpoint: Path
+    epoch: int
+    class_names: dict  # segmentation task -> class names in id order
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.model.tasks)
+
+    @property
+    def num_classes(self) -> dict[str, int]:
+        """Classes of the segmentation tasks."""
+        return {t: n for t, n in self.model.num_outputs.items() if t in ("semseg", "human_parts")}
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.model.input_size)
+
+    @property
+    def inverse_depth(self) -> bool:
+        """Depth targets of the training data were inverse depth (Cityscapes), not metres."""
+        key = str(self.config["data"]["dataset"]).lower().replace("-", "_")
+        return bool(getattr(DATASETS.get(key), "inverse_depth", False))
+
+
+def set_ctal_backend(model: nn.Module, backend: str) -> int:
+    """Run every CTAL block of ``model`` with ``backend`` (``"auto"`` or a ``ctal.ops`` backend
+    name); returns how many blocks there are (0 for models without one)."""
+    check_backend(backend)
+    blocks = [m for m in model.modules() if isinstance(m, CrossTaskAffinity)]
+    for m in blocks:
+        m.backend = backend
+    return len(blocks)
+
+
+def model_from_checkpoint(path, map_location="cpu", ctal_backend: Optional[str] = None) -> TrainedModel:
+    """The model of a trainer checkpoint (``last.pt`` / ``best.pt`` of ``train.py``) with its
+    weights, in eval mode, rebuilt from the config the checkpoint holds: no pretrained or
+    single-task weights are read and no data is needed (checkpoints before the input size and
+    classes were recorded fall back to reading them from the run's validation data).
+    ``ctal_backend``: run the CTAL blocks with this backend instead of the run's."""
+    path = Path(path)
+    try:
+        s = checkpoint.load(path, map_location=map_location)
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(f"{e}. Expected a trainer checkpoint (last.pt or best.pt "
+                                         f"written by train.py)") from e
+    if not isinstance(s.get("config"), dict) or not s.get("tasks"):
+        raise checkpoint.CheckpointError(
+            f"{path} holds model weights but not the config of the run that trained them (keys "
+            f"{sorted(s)[:8]}); a trainer checkpoint (last.pt or best.pt written by train.py) is needed "
+            f"to rebuild the model")
+    cfg = cfglib.with_defaults(cfglib.migrate(s["config"]))  # configs of older runs: keys renamed since
+    cfg["model"] = {k: v for k, v in cfg["model"].items() if k != "single_task_weights"}  # init only
+    tasks = list(s["tasks"])
+    if "input_size" in s and "num_classes" in s:
+        shape = SimpleNamespace(tasks=tasks, num_classes=dict(s["num_classes"]), size=tuple(s["input_size"]),
+                                class_names=dict(s.get("class_names") or {}))
+    else:
+        try:
+            data = build_data(cfg, "val")
+        except (OSError, ValueError) as e:
+            raise checkpoint.CheckpointError(
+                f"{path} predates checkpoints that record the model's input size and classes, so "
+                f"they are read from the run's validation data (data.root={cfg['data']['root']!r}), "
+                f"which failed: {e}") from e
+        shape = SimpleNamespace(tasks=tasks, num_classes=dict(data.num_classes), size=tuple(data.size),
+                                class_names=dict(getattr(data, "class_names", None) or {}))
+    model = model_for(cfg, shape, load_pretrained=False)
+    model.load_state_dict(s["model"])
+    if ctal_backend is not None:
+        set_ctal_backend(model, ctal_backend)
+    names = {t: tuple(shape.class_names.get(t) or ()) for t, n in shape.num_classes.items()}
+    names = {t: v if len(v) == shape.num_classes[t] else tuple(f"class {i}" for i in range(shape.num_classes[t]))
+             for t, v in names.items()}
+    return TrainedModel(model.eval(), cfg, path, int(s.get("epoch", 0)), names)
 
 
 def loss_for(cfg: dict, tasks) -> MultiTaskLoss:

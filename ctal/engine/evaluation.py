@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .. import config as cfglib
 from .._io import write_json
 from ..metrics import HIGHER_IS_BETTER, build_meters, delta_m, load_baselines, update_meters
-from .images import save_run_images
+from .images import save_curves, save_run_images
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -29,15 +29,19 @@ def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, tasks, num_classes, device, dataset_name: str = "",
              amp: Optional[str] = None, progress: bool = True, max_batches: Optional[int] = None,
-             edge_thresholds: int = 99, original_resolution: bool = False) -> dict:
+             edge_thresholds: int = 99, original_resolution: bool = False,
+             depth_average: str = "pixel") -> dict:
     """Metrics of ``model`` over the whole loader (every batch, the last partial one included).
 
     ``edge_thresholds`` < 99 makes the (slow) boundary matching of odsF cheaper for validation
     during training; reported results use 99. ``original_resolution`` scores each prediction,
     bilinearly resized, against the image's targets as stored on disk
     (``loader.dataset.original_targets``) instead of the resized ones the network was fed.
+    ``depth_average``: depth errors over all valid pixels of the set (``"pixel"``) or per image,
+    then averaged over images (``"image"``).
     """
-    meters = build_meters(tasks, num_classes, dataset=dataset_name, edge_thresholds=edge_thresholds)
+    meters = build_meters(tasks, num_classes, dataset=dataset_name, edge_thresholds=edge_thresholds,
+                          depth_average=depth_average)
     model.eval()
     it = tqdm(loader, desc="eval", leave=False, disable=not progress)
     for i, batch in enumerate(it):
@@ -57,6 +61,13 @@ def evaluate(model: nn.Module, loader, tasks, num_classes, device, dataset_name:
                                                  mode="bilinear", align_corners=False)
                 m.update(pred, target)
     return {t: m.compute() for t, m in meters.items()}
+
+
+def evaluation_due(epoch: int, epochs: int, every: int = 1, final_epochs: int = 0) -> bool:
+    """Whether a run of ``epochs`` epochs evaluates after its ``epoch``-th (1-based): every
+    ``every``-th epoch, each of the last ``final_epochs`` and always the last one
+    (``eval.every``, ``eval.final_epochs``)."""
+    return epoch % every == 0 or epoch > epochs - final_epochs or epoch == epochs
 
 
 # --- model selection ---------------------------------------------------------------------------
@@ -122,9 +133,11 @@ def format_summary(metrics: dict, best: Optional[dict] = None) -> str:
 
 def write_report(out_dir, summary: dict, model: nn.Module, dataset, images: int, device) -> None:
     """``<out_dir>/metrics.json`` (``summary``: its ``metrics`` and ``best`` are printed as a
-    table), and predictions / CTAL affinities of the first ``images`` samples of ``dataset``."""
+    table), ``curves.png`` of its ``history``, and the figures of ``images`` fixed samples of
+    ``dataset`` (predictions, CTAL affinities) in ``<out_dir>/images``."""
     out_dir = Path(out_dir)
     write_json(out_dir / "metrics.json", summary, default=float)
+    save_curves(summary.get("history"), out_dir / "curves.png")
     if images:
-        save_run_images(model, dataset, out_dir / "images", images, device)
+        save_run_images(model, dataset, out_dir / "images", images, device, title="end of training")
     print(format_summary(summary["metrics"], summary["best"]))

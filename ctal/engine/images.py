@@ -1,48 +1,100 @@
-"""Images written at the end of a run: predictions next to targets, and CTAL affinity maps."""
+"""The figures a run writes: for a fixed set of validation samples, predictions next to targets
+(``pred_<i>.png``) and, for models with a CTAL block, affinity / diffusion rows of query pixels
+(``affinity_<i>.png``) and the learned fusion weights (``fusion_weights.png``); the training
+curves (``curves.png``). The same images go to TensorBoard under ``figures/``."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from .. import vis
+from .. import figures
 from ..nn import CrossTaskAffinity
+
+__all__ = ["sample_indices", "run_figures", "save_run_images", "save_curves"]
+
+
+def sample_indices(n: int, count: int) -> list[int]:
+    """``min(count, n)`` sample indices spread evenly over a split of ``n`` (always the same
+    ones, so that figures of successive evaluations compare)."""
+    if count <= 0 or n <= 0:
+        return []
+    return sorted({int(i) for i in np.linspace(0, n - 1, min(count, n)).round()})
+
+
+def _ctal_block(model) -> Optional[CrossTaskAffinity]:
+    return next((m for m in model.modules() if isinstance(m, CrossTaskAffinity)), None)
 
 
 @torch.no_grad()
-def save_run_images(model, dataset, out_dir, count: int, device) -> list[Path]:
-    """For the first ``count`` samples of ``dataset``: ``pred_<i>.png`` (image, targets / predictions)
-    and, for models with a CTAL block, ``affinity_<i>.png`` (per task: the cosine affinity of the
-    centre pixel to every pixel, then the diffusion row ``M[i]`` shared by all tasks)."""
-    out_dir = Path(out_dir)
+def run_figures(model, dataset, count: int, device, title: str = "") -> dict:
+    """``{name: Figure}`` for ``count`` fixed samples of ``dataset``: ``pred_<i>`` for each and,
+    when the model has a CTAL block, ``affinity_<i>`` and ``fusion_weights`` (``<i>``: the sample
+    index in ``dataset``). One forward pass in eval mode; draws no random numbers."""
+    indices = sample_indices(len(dataset), count)
+    if not indices:
+        return {}
+    was_training = model.training
     model.eval()
-    ctal_blocks = [m for m in model.modules() if isinstance(m, CrossTaskAffinity)]
+    block = _ctal_block(model)
     captured = {}
     hook = None
-    if ctal_blocks:
-        block = ctal_blocks[0]
-
+    if block is not None:
         def grab(mod, args):
-            captured["x"] = mod._stack(args[0])  # the (B, T, C, H, W) features CTAL sees
+            captured["x"] = mod._stack(args[0])  # the (B, T, C, h, w) features CTAL sees
         hook = block.register_forward_pre_hook(grab)
-    written = []
     try:
-        for i in range(min(count, len(dataset))):
-            sample = default_collate([dataset[i]])
-            pred = model(sample["image"].to(device))
-            num_classes = getattr(dataset, "num_classes", {})
-            written.append(vis.save_grid(vis.visualize_sample(sample, pred, num_classes), out_dir / f"pred_{i}.png"))
-            if "x" in captured:
-                x = captured["x"].float()
-                H, W = x.shape[-2:]
-                centre = (H // 2, W // 2)
-                rows = vis.affinity_map(x, centre)  # (T, H, W)
-                tiles = [vis.colorize_scalar(r, -1.0, 1.0, diverging=True) for r in rows]
-                m = vis.diffusion_map(x, block.weight.float(), block.bias.float(), centre)
-                tiles.append(vis.colorize_scalar(m, diverging=True))
-                written.append(vis.save_grid([tiles], out_dir / f"affinity_{i}.png"))
+        batch = default_collate([dataset[i] for i in indices])
+        out = model(batch["image"].to(device))["final"]
     finally:
         if hook is not None:
             hook.remove()
+        model.train(was_training)
+    preds = {t: p.float().cpu() for t, p in out.items()}
+    names = dict(getattr(dataset, "class_names", None) or {})
+    for t, n in dict(getattr(dataset, "num_classes", None) or {}).items():
+        names.setdefault(t, [f"class {c}" for c in range(n)])
+    depth_label = "inverse depth" if getattr(dataset, "inverse_depth", False) else "depth [m]"
+    tasks = [t for t in getattr(dataset, "tasks", preds) if t in batch]
+    seg = next((t for t in ("semseg", "human_parts") if t in batch), None)  # places the CTAL queries
+    figs = {}
+    for b, i in enumerate(indices):
+        head = f"val sample {i}" + (f" · {title}" if title else "")
+        figs[f"pred_{i}"] = figures.prediction_figure(
+            batch["image"][b], {t: batch[t][b] for t in tasks}, {t: p[b] for t, p in preds.items()},
+            names, depth_label=depth_label, title=head)
+        if "x" in captured:
+            pixels = figures.query_pixels(tuple(block.size), batch[seg][b] if seg else None)
+            figs[f"affinity_{i}"] = figures.affinity_figure(
+                batch["image"][b], captured["x"][b].float().cpu(), block.weight.float().cpu(),
+                None if block.bias is None else block.bias.float().cpu(), pixels, block.tasks,
+                title=f"CTAL on {head}")
+    if block is not None:
+        figs["fusion_weights"] = figures.fusion_weights_figure(
+            block.weight.float().cpu(), None if block.bias is None else block.bias.float().cpu(),
+            tuple(block.size), block.tasks, title="CTAL fusion weights" + (f" · {title}" if title else ""))
+    return figs
+
+
+def save_run_images(model, dataset, out_dir, count: int, device, writer=None, step: Optional[int] = None,
+                    title: str = "") -> list[Path]:
+    """Write :func:`run_figures` as PNGs into ``out_dir`` and, with a TensorBoard ``writer``, as
+    images ``figures/<name>`` at ``step``; returns the PNG paths."""
+    out_dir = Path(out_dir)
+    written = []
+    for name, fig in run_figures(model, dataset, count, device, title).items():
+        arr = figures.render(fig)
+        written.append(figures.save_figure(arr, out_dir / f"{name}.png"))
+        if writer is not None:
+            writer.add_image(f"figures/{name}", arr, step, dataformats="HWC")
     return written
+
+
+def save_curves(history, path, best_metric: Optional[str] = None) -> Optional[Path]:
+    """``curves.png`` of the trainer's per-epoch ``history`` (nothing for an empty history)."""
+    if not history:
+        return None
+    return figures.save_figure(figures.curves_figure(history, best_metric), path)

@@ -21,8 +21,9 @@ from . import checkpoint, distributed
 from .build import (amp_setting, build_datasets, build_loaders, build_optimizer,
                     build_scheduler, loss_for, model_for, preflight, replan_schedule, seed_everything,
                     trained_parameters)
-from .evaluation import (AMP_DTYPES, check_best_metric, evaluate, model_selection, selection_score,
-                         to_device, write_report)
+from .evaluation import (AMP_DTYPES, check_best_metric, evaluate, evaluation_due, model_selection,
+                         selection_score, to_device, write_report)
+from .images import save_run_images
 
 __all__ = ["Trainer", "RESUME_MAY_CHANGE", "config_changes"]
 
@@ -43,7 +44,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 RESUME_MAY_CHANGE = {
     "train.epochs": "the learning-rate schedule is re-planned for the new length",
     "train.max_steps_per_epoch": "steps per epoch from here on",
-    "train.eval_every": "evaluation schedule", "train.log_every": "logging only",
+    "train.log_every": "logging only",
     "train.save_images": "outputs only", "train.find_unused_parameters": "DDP bookkeeping only",
     "data.root": "the same data at another path", "data.eval_batch_size": "evaluation batching only",
     "data.num_workers": "loading only (per-worker augmentation streams differ, so the rest of the "
@@ -54,6 +55,9 @@ RESUME_MAY_CHANGE = {
     "model.pretrained": "initialization only (the checkpoint replaces every weight)",
     "model.weights": "initialization only (the checkpoint replaces every weight)",
     "eval.edge_thresholds": "evaluation only", "eval.original_resolution": "evaluation only",
+    "eval.depth_average": "evaluation only",
+    # evaluation leaves the random streams as it found them, so training does not depend on it
+    "eval.every": "evaluation schedule only", "eval.final_epochs": "evaluation schedule only",
 }
 
 
@@ -161,7 +165,11 @@ class Trainer:
                     scaler=self.scaler.state_dict(), epoch=epoch, step=self.step, best=self.best,
                     history=self.history, rng=checkpoint.rng_state(), pending_eval=self.pending_eval,
                     loader_rng=self.loader_gen.get_state(), config=self.cfg, tasks=self.tasks,
-                    resumes=self.resumes)
+                    resumes=self.resumes,
+                    # the dataset facts the model was built from, so that it can be rebuilt
+                    # without the data (build.model_from_checkpoint)
+                    num_classes=self.num_classes, input_size=list(_unwrap(self.model).input_size),
+                    class_names=dict(getattr(self.val_set, "class_names", None) or {}))
 
     def _check_tasks(self, s: dict, path) -> None:
         """The heads and the fusion weights' task axis follow the task order: a checkpoint of
@@ -175,7 +183,7 @@ class Trainer:
         """What resuming ``s`` into this run changes (``{key: (old, new)}``), all of it in
         :data:`RESUME_MAY_CHANGE`; anything else is a ConfigError naming the keys."""
         # Keys the checkpoint's config leaves out had their (schema) defaults in that run too.
-        changes = config_changes(cfglib.with_defaults(s.get("config") or {}), self.cfg)
+        changes = config_changes(cfglib.with_defaults(cfglib.migrate(s.get("config") or {})), self.cfg)
         fixed = {k: v for k, v in changes.items() if not _may_change(k)}
         if fixed:
             listed = ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in fixed.items())
@@ -293,17 +301,18 @@ class Trainer:
         return evaluate(_unwrap(self.model), self.val_loader, self.tasks, self.num_classes, self.device,
                         dataset_name=self.cfg["data"]["dataset"], amp=self.amp,
                         progress=self.progress if progress is None else progress,
-                        edge_thresholds=ev["edge_thresholds"], original_resolution=ev["original_resolution"])
+                        edge_thresholds=ev["edge_thresholds"], original_resolution=ev["original_resolution"],
+                        depth_average=ev["depth_average"])
 
     def fit(self, max_steps_per_epoch: Optional[int] = None) -> dict:
-        """Train from ``start_epoch`` to ``epochs``, evaluating every ``train.eval_every`` epochs;
+        """Train from ``start_epoch`` to ``epochs``, evaluating every ``eval.every`` epochs, in the
+        last ``eval.final_epochs`` and after the last (:func:`~ctal.engine.evaluation.evaluation_due`);
         writes ``last.pt`` / ``best.pt`` checkpoints, TensorBoard scalars, images and
         ``metrics.json``; returns the final metrics."""
         if self.eval_only:
             raise RuntimeError("this Trainer was built with eval_only=True (no train split); build "
                                "it without eval_only to train")
         train = self.cfg["train"]
-        eval_every = train["eval_every"]
         max_steps = max_steps_per_epoch or train["max_steps_per_epoch"]
         metrics = None
         t0 = time.time()
@@ -313,9 +322,10 @@ class Trainer:
             avg = self.train_epoch(epoch, max_steps)
             entry = dict(epoch=epoch + 1, train_loss=avg, lr=next((g["lr"] for g in self.optimizer.param_groups if g.get("name") == "base"),
                                                    self.optimizer.param_groups[0]["lr"]),
-                         loss_weights=self.criterion.current_weights())
+                         loss_weights=self.criterion.current_weights(), evaluated=False)
             self.history.append(entry)
-            self.pending_eval = epoch + 1 == self.epochs or (epoch + 1) % eval_every == 0
+            self.pending_eval = evaluation_due(epoch + 1, self.epochs, self.cfg["eval"]["every"],
+                                               self.cfg["eval"]["final_epochs"])
             # The epoch's training is saved before it is evaluated: an error or a kill during
             # evaluation loses no training, and resume runs the evaluation it missed.
             if self.dist.is_main:
@@ -335,11 +345,15 @@ class Trainer:
         self.pending_eval = False
         if not self.dist.is_main:
             return None
+        # Evaluation may draw random numbers (the loader's seed); putting the streams back makes
+        # the training independent of the evaluation schedule.
+        rng = checkpoint.rng_state()
         metrics = self.evaluate()
+        checkpoint.set_rng_state(rng)
         score = self.score(metrics)
         entry = next((h for h in reversed(self.history) if h.get("epoch") == epoch), None)
         if entry is not None:
-            entry.update(metrics=metrics, score=score)
+            entry.update(metrics=metrics, score=score, evaluated=True)
         for task, vals in metrics.items():
             for k, v in vals.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
@@ -348,11 +362,24 @@ class Trainer:
             self.best = dict(score=score, epoch=epoch, metrics=metrics)
             checkpoint.save(self.out / "best.pt", self.state(epoch))
         checkpoint.save(self.out / "last.pt", self.state(epoch))
+        self._write_figures(epoch)
         return metrics
+
+    def _write_figures(self, epoch: int) -> None:
+        """Figures of ``train.save_images`` fixed validation samples after ``epoch`` epochs:
+        ``images/epoch_<epoch>/`` and TensorBoard ``figures/*`` (main process, at evaluations)."""
+        count = self.cfg["train"]["save_images"]
+        if not count or not self.dist.is_main:
+            return
+        rng = checkpoint.rng_state()  # as for evaluate: training must not depend on the figures
+        save_run_images(_unwrap(self.model), self.val_set, self.out / "images" / f"epoch_{epoch}", count,
+                        self.device, writer=self.writer, step=epoch, title=f"epoch {epoch}")
+        checkpoint.set_rng_state(rng)
 
     def report(self, metrics: dict, seconds: float) -> None:
         """Final ``metrics.json``, images of predictions and CTAL affinities, and a summary table."""
         summary = dict(name=self.cfg["name"], metrics=metrics, best=self.best, epochs=self.epochs,
+                       evaluated_epochs=[h["epoch"] for h in self.history if "metrics" in h],
                        steps=self.step, resumes=self.resumes, seconds=round(seconds, 1), history=self.history,
                        ctal_backend=self.cfg["model"].get("ctal_backend"))
         write_report(self.out, summary, _unwrap(self.model), self.val_set, self.cfg["train"]["save_images"],

@@ -43,9 +43,10 @@ DEFAULT_DELTA_METRICS = {
 
 def build_meters(tasks: Sequence[str], num_classes: Optional[Mapping[str, int]] = None,
                  dataset: Optional[str] = None, edge_max_dist: Optional[float] = None,
-                 edge_thresholds=99) -> dict:
+                 edge_thresholds=99, depth_average: str = "pixel") -> dict:
     """One meter per task. ``num_classes`` (ints) is required for semseg / human_parts; the edge
-    tolerance is ``edge_max_dist``, else the literature's value for ``dataset``, else 0.0075.
+    tolerance is ``edge_max_dist``, else the literature's value for ``dataset``, else 0.0075;
+    ``depth_average``: ``"pixel"`` or ``"image"`` (:class:`DepthMeter`).
     Feed them with :func:`update_meters`, which names a task missing from a batch."""
     tasks = check_task_names(tasks)
     num_classes = dict(num_classes or {})
@@ -56,7 +57,7 @@ def build_meters(tasks: Sequence[str], num_classes: Optional[Mapping[str, int]] 
                 raise ValueError(f"build_meters: num_classes[{t!r}] is required")
             meters[t] = SegMeter(check_class_count(f"build_meters: num_classes[{t!r}]", num_classes[t]))
         elif t == "depth":
-            meters[t] = DepthMeter()
+            meters[t] = DepthMeter(depth_average)
         elif t == "normals":
             meters[t] = NormalsMeter()
         elif t == "sal":

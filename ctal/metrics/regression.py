@@ -1,4 +1,4 @@
-"""Depth and surface-normal meters, accumulated pixel-wise over the whole set."""
+"""Depth and surface-normal meters, accumulated pixel-wise over the whole set (depth optionally per image)."""
 from __future__ import annotations
 
 import math
@@ -28,38 +28,65 @@ def _check(pred: Tensor, target: Tensor, channels: int, name: str):
 
 
 class DepthMeter:
-    """Depth errors over all valid (non-zero, finite) target pixels of the set.
+    """Depth errors over the valid (non-zero, finite) target pixels of the set.
 
-    ``abs_err = sum|p - t| / n``, ``rel_err = sum(|p - t| / t) / n``, ``rmse = sqrt(sum (p - t)^2 / n)``
-    with ``n`` the number of valid pixels in the *whole set* (not a mean of per-image values).
+    ``average="pixel"`` (default): ``abs_err = sum|p - t| / n``, ``rel_err = sum(|p - t| / t) / n``,
+    ``rmse = sqrt(sum (p - t)^2 / n)`` with ``n`` the number of valid pixels in the *whole set*.
+    ``average="image"``: each image's ``abs_err``, ``rel_err`` and ``rmse`` over its own valid
+    pixels, then the mean over images (so every image counts the same, whatever its number of
+    valid pixels); an image without valid pixels has no error and is skipped, and ``compute()``
+    reports ``images`` (averaged over) and ``skipped_images`` (without a valid pixel).
     A non-finite prediction on a valid pixel is a ``ValueError``.
     """
 
     higher_is_better = {"abs_err": False, "rel_err": False, "rmse": False}
+    AVERAGES = ("pixel", "image")
 
-    def __init__(self):
+    def __init__(self, average: str = "pixel"):
+        if average not in self.AVERAGES:
+            raise ValueError(f"DepthMeter: average must be 'pixel' or 'image', got {average!r}")
+        self.average = average
         self.reset()
 
     def reset(self) -> None:
-        self.n = 0
+        self.n = 0  # valid pixels (pixel) or images with a valid pixel (image)
+        self.skipped = 0
         self.sum_abs = 0.0
         self.sum_rel = 0.0
         self.sum_sq = 0.0
+        self.sum_rmse = 0.0  # of the per-image RMSEs (image)
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
         pred, target = _check(pred, target, 1, "DepthMeter")
         valid = (target != 0) & torch.isfinite(target)
         check_finite("DepthMeter.update", "pred", pred, valid)
-        diff = (pred - target)[valid]
-        self.n += int(valid.sum())
-        self.sum_abs += float(diff.abs().sum())
-        self.sum_rel += float((diff.abs() / target[valid].abs()).sum())
-        self.sum_sq += float((diff ** 2).sum())
+        if self.average == "pixel":
+            diff = (pred - target)[valid]
+            self.n += int(valid.sum())
+            self.sum_abs += float(diff.abs().sum())
+            self.sum_rel += float((diff.abs() / target[valid].abs()).sum())
+            self.sum_sq += float((diff ** 2).sum())
+            return
+        valid = valid.flatten(1)
+        count = valid.sum(1)
+        keep = count > 0
+        self.skipped += int((~keep).sum())
+        t = torch.where(valid, target.flatten(1), 1.0)  # invalid pixels never divide (or count)
+        err = torch.where(valid, (pred.flatten(1) - t).abs(), 0.0)
+        n = count[keep].double()
+        self.n += int(keep.sum())
+        self.sum_abs += float((err.sum(1)[keep] / n).sum())
+        self.sum_rel += float(((err / t.abs()).sum(1)[keep] / n).sum())
+        self.sum_rmse += float(((err ** 2).sum(1)[keep] / n).sqrt().sum())
 
     def compute(self) -> dict:
         if self.n == 0:
-            raise ValueError("DepthMeter.compute(): no valid depth pixels were seen")
+            more = (f" ({self.skipped} image(s) had none)" if self.average == "image" else "")
+            raise ValueError(f"DepthMeter.compute(): no valid depth pixels were seen{more}")
+        if self.average == "image":
+            return {"abs_err": self.sum_abs / self.n, "rel_err": self.sum_rel / self.n,
+                    "rmse": self.sum_rmse / self.n, "images": self.n, "skipped_images": self.skipped}
         return {"abs_err": self.sum_abs / self.n, "rel_err": self.sum_rel / self.n,
                 "rmse": math.sqrt(self.sum_sq / self.n)}
 

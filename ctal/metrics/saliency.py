@@ -17,9 +17,11 @@ class SaliencyMeter:
     reports ``maxF`` and ``max_mIoU`` (maxima over thresholds, in percent) and the arg-max
     thresholds.
 
-    ``update(pred, target)``: ``pred`` is the 1-channel *logit* ``(B, 1, H, W)`` (a sigmoid gives
-    the probability; pass ``from_logits=False`` for probabilities). Only one sigmoid is ever
-    applied. ``target`` is ``(B, 1, H, W)`` in {0, 1} with ``SAL_IGNORE`` = ignore.
+    ``update(pred, target)``: ``pred`` is the model's saliency output, a 1-channel *logit*
+    ``(B, 1, H, W)`` or 2 class logits ``(B, 2, H, W)`` (``ctal.tasks.saliency_probability`` gives
+    the probability: sigmoid, or softmax channel 1); pass ``from_logits=False`` for ``(B, 1, H, W)``
+    probabilities. Only one sigmoid / softmax is ever applied. ``target`` is ``(B, 1, H, W)`` in
+    {0, 1} with ``SAL_IGNORE`` = ignore.
 
     Errors (``ValueError``): a target value other than 0, 1 or the ignore value (soft targets, NaN,
     0..255 masks), a non-finite prediction on a valid pixel, probabilities outside [0, 1] with
@@ -46,7 +48,8 @@ class SaliencyMeter:
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
-        prob, target, valid = binary_maps("SaliencyMeter", pred, target, self.from_logits, self.ignore_value)
+        prob, target, valid = binary_maps("SaliencyMeter", pred, target, self.from_logits, self.ignore_value,
+                                          two_class=True)
         prob = prob.flatten(1).cpu()
         target = target.flatten(1).cpu()
         valid = valid.flatten(1).cpu()

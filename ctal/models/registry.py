@@ -15,8 +15,8 @@ baselines on a (dilated) ResNet-18/50 with DeepLab-v3 heads, as in Multi-Task-Le
 ``mtan``; and ``sca`` (HRNet only). A backbone a model does not accept is a ValueError naming
 the accepted ones.
 
-``PAPER_SETUPS`` holds the paper's dataset settings (tasks, classes, training grid, backbone) so
-that a config can say ``**paper_setup("nyuv2")``.
+``PAPER_SETUPS`` holds the paper's dataset settings (tasks, classes, training grid, backbone,
+saliency channels) so that a config can say ``**paper_setup("nyuv2")``.
 
 The registry is filled when ``ctal.models`` imports the model modules (``ctal/models/__init__.py``);
 this module imports none of them, so that they can import :func:`register_model`.
@@ -168,12 +168,13 @@ PAPER_SETUPS = {
                        input_size=(128, 256), backbone="hrnet_w18_small_v2"),
     "pascal_context": dict(tasks=["semseg", "normals", "sal", "edge", "human_parts"],
                            num_classes={"semseg": 21, "human_parts": 7},
-                           input_size=(512, 512), backbone="swin_v2_s"),
+                           input_size=(512, 512), backbone="swin_v2_s", sal_channels=2),
 }
 
 
 def paper_setup(dataset: str) -> dict:
-    """The paper's ``tasks``, ``num_classes``, ``input_size`` and ``backbone`` for ``dataset``."""
+    """The paper's ``tasks``, ``num_classes``, ``input_size`` and ``backbone`` for ``dataset``
+    (and ``sal_channels`` where it has saliency)."""
     if dataset not in PAPER_SETUPS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(PAPER_SETUPS)}")
     s = PAPER_SETUPS[dataset]
@@ -182,11 +183,13 @@ def paper_setup(dataset: str) -> dict:
 
 def build_model(name: str, tasks: Sequence[str], num_classes: Optional[Mapping[str, int]] = None,
                 input_size=(288, 384), backbone: str = "hrnet_w18_small_v2", pretrained: bool = False,
-                ctal_backend: str = "auto", **kw) -> nn.Module:
+                ctal_backend: str = "auto", sal_channels: int = 1, **kw) -> nn.Module:
     """Build model ``name`` for ``tasks`` on ``backbone`` and images of ``input_size``.
 
     ``num_classes`` gives the class count of the segmentation tasks (``semseg``, ``human_parts``);
-    the other tasks' channels follow ``ctal.tasks.output_channels``. ``ctal_backend`` is used by
+    the other tasks' channels follow ``ctal.tasks.output_channels``: ``sal_channels=2`` gives
+    every saliency head (initial predictions included) two class logits, as the CTAL paper's
+    PASCAL-Context models have, instead of one sigmoid logit. ``ctal_backend`` is used by
     the models with a CTAL block and ignored by the others (so one config can set it for all).
     Extra keyword arguments go to the model class (e.g. ``gamma``, ``weights``, ``beta``,
     ``dilated`` and ``alpha`` for the ResNet models, ``single_task_weights`` for Cross-Stitch /
@@ -198,7 +201,7 @@ def build_model(name: str, tasks: Sequence[str], num_classes: Optional[Mapping[s
     if not isinstance(pretrained, bool):
         raise ValueError(f"pretrained must be True or False, got {pretrained!r}")
     num_classes = dict(num_classes or {})
-    num_outputs = {t: output_channels(t, num_classes.get(t)) for t in tasks}
+    num_outputs = {t: output_channels(t, num_classes.get(t), sal_channels) for t in tasks}
     kwargs = dict(backbone=backbone, pretrained=pretrained, **kw)
     if info.takes_ctal_backend:
         kwargs["ctal_backend"] = ctal_backend

@@ -13,7 +13,7 @@ from functools import partial
 from ctal import kernels
 
 from . import extension, reference
-from .linear import linear_attention
+from .linear import linear_attention, traceable_attention
 from .quadratic import quadratic_attention
 from .registry import STAGES, Backend, register_backend, register_stage
 
@@ -22,6 +22,8 @@ register_backend(Backend("reference", "quadratic", "pytorch", reference.ctal_att
                          auto_eligible=False, materializes_nxn=True))
 register_backend(Backend("quadratic", "quadratic", "pytorch", quadratic_attention, materializes_nxn=True))
 register_backend(Backend("linear", "linear", "pytorch", linear_attention))
+# The linear forward as plain torch ops, for export (no custom op to carry); never picked by auto.
+register_backend(Backend("linear-traceable", "linear", "pytorch", traceable_attention, auto_eligible=False))
 for _stage in STAGES:
     register_stage(_stage, "reference", getattr(reference, _stage))
 

@@ -111,7 +111,8 @@ def test_schema_defaults_fill_what_a_config_leaves_out():
                                  "optim": {"name": "adam", "lr": 1.0}, "schedule": None, "eval": None})
     assert bare["schedule"] == {"name": "none", "min_lr": 0.0, "power": 0.9, "gamma": 0.1}
     assert bare["eval"] == {"best_metric": "delta_m", "baselines": None, "edge_thresholds": 99,
-                            "original_resolution": False}
+                            "original_resolution": False, "every": 1, "final_epochs": 0,
+                            "depth_average": "pixel"}
     assert bare["train"]["epochs"] == 1 and bare["loss"] == {} and bare["device"] == "auto"
     assert "generate" not in bare["data"] and bare["model"] == {"name": "ctal"}
     cfglib.validate(bare)

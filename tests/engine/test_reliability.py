@@ -172,14 +172,14 @@ def test_resume_of_a_config_without_the_schema_defaults(finished_run, tmp_path):
     last = _copy(finished_run, tmp_path)
     s = checkpoint.load(last)
     written = tiny_cfg(finished_run[0], **{"train.save_images": 0, "train.max_steps_per_epoch": 1})
-    del written["train"]["eval_every"]  # 1, the default
+    del written["eval"]["every"]  # 1, the default
     assert "momentum" not in written["optim"] and s["config"]["optim"]["momentum"] == 0.9
     s["config"] = written
     checkpoint.save(last, s)
     t = _trainer(finished_run, tmp_path, **{"train.epochs": 3})
     t.resume(last)
     t.close()
-    assert t.cfg["optim"]["momentum"] == 0.9 and t.cfg["train"]["eval_every"] == 1
+    assert t.cfg["optim"]["momentum"] == 0.9 and t.cfg["eval"]["every"] == 1
     assert sorted(t.resumes[-1]["changed"]) == ["output_dir", "train.epochs"]
     # a value the checkpoint's run did not have is still refused, default or not
     t = _trainer(finished_run, tmp_path, **{"train.epochs": 3, "optim.momentum": 0.5})

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from ctal.losses import (MultiTaskLoss, depth_loss, edge_loss, normals_loss, saliency_loss,
-                         segmentation_loss)
+from ctal.losses import (MultiTaskLoss, balanced_bce_loss, balanced_ce_loss, depth_loss, edge_loss,
+                         normals_loss, saliency_loss, segmentation_loss)
 
 LN2 = math.log(2)
 
@@ -60,6 +60,70 @@ def test_balanced_bce_edges_and_saliency():
     # numerically stable for huge logits
     big = torch.tensor([100.0, -100.0]).view(1, 1, 1, 2)
     assert torch.isfinite(edge_loss(big, torch.tensor([0.0, 1.0]).view(1, 1, 1, 2)))
+
+
+def test_two_channel_saliency_is_the_papers_balanced_cross_entropy():
+    # 2 class logits per pixel (channel 1 = salient); the 5th pixel is ignored.
+    #   pixel   logits      target  CE = -ln softmax[target]
+    #   1       (0, ln 3)   1       -ln(3/4)
+    #   2       (0, 0)      0       ln 2
+    #   3       (ln 3, 0)   0       -ln(3/4)
+    #   4       (0, -ln 3)  1       -ln(1/4) = ln 4
+    ln3 = math.log(3)
+    logits = torch.tensor([[0.0, 0, ln3, 0, 9], [ln3, 0, 0, -ln3, -9]]).view(1, 2, 1, 5)
+    target = torch.tensor([1.0, 0, 0, 1, 255]).view(1, 1, 1, 5)
+    ce = [-math.log(0.75), LN2, -math.log(0.75), math.log(4)]
+    # n = 4 valid, 2 of each class: w_neg = n_pos / n = 1/2 = w_pos -> the plain mean of the CEs
+    assert saliency_loss(logits, target).item() == pytest.approx(sum(ce) / 4)
+    # 3 negatives, 1 positive (pixel 4 relabelled 0: CE = -ln(3/4)): w_neg = 1/4, w_pos = 3/4;
+    # loss = (3/4 * ce1 + 1/4 * (ce2 + ce3 + ce4')) / (3/4 + 3 * 1/4)
+    target = torch.tensor([1.0, 0, 0, 0, 255]).view(1, 1, 1, 5)
+    want = (0.75 * ce[0] + 0.25 * (ce[1] + ce[2] - math.log(0.75))) / 1.5
+    assert saliency_loss(logits, target).item() == pytest.approx(want)
+    assert balanced_ce_loss(logits, target[:, 0]).item() == pytest.approx(want)  # (B, H, W) targets
+    # = PyTorch's class-weighted cross-entropy (a weighted mean) with those weights
+    ref = torch.nn.functional.cross_entropy(logits[..., :4], target[:, 0, :, :4].long(),
+                                            weight=torch.tensor([0.25, 0.75]))
+    assert saliency_loss(logits, target).item() == pytest.approx(ref.item())
+
+
+def test_two_channel_saliency_edge_cases():
+    logits = torch.randn(2, 2, 3, 3, requires_grad=True)
+    for target in (torch.zeros(2, 1, 3, 3), torch.ones(2, 1, 3, 3), torch.full((2, 1, 3, 3), 255.0)):
+        loss = saliency_loss(logits, target)  # one class (its weight is 0) or nothing valid: 0
+        assert loss.item() == 0.0
+        loss.backward()
+        assert torch.all(logits.grad == 0)
+    with pytest.raises(ValueError, match=r"sal: targets of the 2-class loss must be 0, 1 or 255.*0\.5"):
+        saliency_loss(logits, torch.full((2, 1, 3, 3), 0.5))
+    with pytest.raises(ValueError, match="expected 2 class logits, got 1"):
+        balanced_ce_loss(logits[:, :1], torch.zeros(2, 1, 3, 3))
+
+
+def test_one_and_two_channel_saliency_losses_differ_by_the_papers_normalization():
+    # A logit z and the class logits (0, z) give the same probabilities. The 1-logit loss averages
+    # w y CE + (1 - w)(1 - y) CE over all n pixels; the 2-class loss divides the same sum by the
+    # weights' total 2 n_pos n_neg / n: ratio n^2 / (2 n_pos n_neg).
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 1, 4, 5, generator=g)
+    target = (torch.rand(2, 1, 4, 5, generator=g) > 0.7).float()
+    n, n_pos = target.numel(), int(target.sum())
+    one = saliency_loss(z, target)
+    two = saliency_loss(torch.cat([torch.zeros_like(z), z], 1), target)
+    assert two.item() == pytest.approx(one.item() * n * n / (2 * n_pos * (n - n_pos)), rel=1e-5)
+    assert one.item() == pytest.approx(balanced_bce_loss(z, target, None, 255.0, "sal").item())
+
+
+def test_multitask_loss_takes_two_channel_saliency_with_deep_supervision():
+    crit = MultiTaskLoss(["sal"])
+    target = torch.tensor([1.0, 0, 0, 0]).view(1, 1, 2, 2)
+    final = torch.zeros(1, 2, 2, 2, requires_grad=True)
+    aux = torch.zeros(1, 2, 1, 1, requires_grad=True)  # deep supervision at a lower resolution
+    total, parts = crit({"final": {"sal": final}, "aux": {"initial": {"sal": aux}}}, {"sal": target})
+    # every CE is ln 2 (uniform logits), so each weighted mean is ln 2: final + aux = 2 ln 2
+    assert parts["sal"].item() == pytest.approx(2 * LN2)
+    total.backward()
+    assert final.grad.abs().sum() > 0 and aux.grad.abs().sum() > 0
 
 
 def _batch():

@@ -8,6 +8,7 @@ import torch
 
 from ctal.metrics import (DepthMeter, EdgeMeter, MultiTaskMeter, NormalsMeter, SaliencyMeter, SegMeter,
                           build_meters, delta_m, load_baselines, save_baselines)
+from ctal.tasks import saliency_probability
 
 
 # ----------------------------------------------------------------------------- segmentation
@@ -78,6 +79,51 @@ def test_depth_meter_pixel_accumulated():
     assert r["abs_err"] == pytest.approx(7 / 4)
     assert r["rel_err"] == pytest.approx(6.5 / 4)
     assert r["rmse"] == pytest.approx(math.sqrt(21 / 4))
+
+
+def _depth(*rows):
+    return torch.tensor(rows, dtype=torch.float32).view(len(rows), 1, 1, -1)
+
+
+def test_depth_meter_image_averaged():
+    # image 1: diffs -1 (t=2), 2 (t=1); the 0 target is invalid -> abs 3/2, rel (1/2 + 2)/2 = 5/4,
+    #          rmse sqrt((1 + 4)/2)
+    # image 2: diff 4 (t=1); three invalid pixels -> abs 4, rel 4, rmse 4
+    # image 3: no valid pixel (targets 0) -> skipped, counted; its NaN prediction is never scored
+    # image 4 (second update): diffs 0, 0, 3 (t=4, 4, 3) -> abs 1, rel 1/3, rmse sqrt(3)
+    # mean over the 3 scored images; pixel-wise (one image counting per pixel) would differ
+    nan = float("nan")
+    m = DepthMeter("image")
+    m.update(_depth([1.0, 2, 3, 4], [5, 7, 7, 7], [nan, 1, 1, 1]),
+             _depth([2.0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]))
+    m.update(_depth([4.0, 4, 6, 9]), _depth([4.0, 4, 3, 0]))
+    r = m.compute()
+    assert r["abs_err"] == pytest.approx((3 / 2 + 4 + 1) / 3)
+    assert r["rel_err"] == pytest.approx((5 / 4 + 4 + 1 / 3) / 3)
+    assert r["rmse"] == pytest.approx((math.sqrt(5 / 2) + 4 + math.sqrt(3)) / 3)
+    assert (r["images"], r["skipped_images"]) == (3, 1)
+    # the same data pixel-wise: 6 valid pixels, |diffs| 1 2 4 0 0 3
+    p = DepthMeter()
+    p.update(_depth([1.0, 2, 3, 4], [5, 7, 7, 7], [nan, 1, 1, 1]),
+             _depth([2.0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]))
+    p.update(_depth([4.0, 4, 6, 9]), _depth([4.0, 4, 3, 0]))
+    assert p.compute() == pytest.approx({"abs_err": 10 / 6, "rel_err": (1 / 2 + 2 + 4 + 1) / 6,
+                                         "rmse": math.sqrt(30 / 6)})
+    m.reset()
+    assert (m.n, m.skipped) == (0, 0)
+
+
+def test_depth_meter_image_average_errors():
+    m = DepthMeter("image")
+    m.update(_depth([1.0, 2]), _depth([0.0, 0]))
+    with pytest.raises(ValueError, match=r"no valid depth pixels were seen \(1 image\(s\) had none\)"):
+        m.compute()
+    with pytest.raises(ValueError, match="average must be 'pixel' or 'image', got 'batch'"):
+        DepthMeter("batch")
+    with pytest.raises(ValueError, match="`pred` has 1 non-finite value"):
+        DepthMeter("image").update(_depth([float("inf"), 1.0]), _depth([2.0, 1.0]))
+    assert build_meters(["depth"], depth_average="image")["depth"].average == "image"
+    assert build_meters(["depth"])["depth"].average == "pixel"
 
 
 def test_depth_meter_shape_error():
@@ -185,6 +231,43 @@ def test_saliency_meter_applies_exactly_one_sigmoid_to_logits():
     m = SaliencyMeter(thresholds=[0.2, 0.5, 0.8])
     m.update(logits, gt)
     assert m.compute()["maxF"] == pytest.approx(81.25)
+
+
+def test_saliency_probability_of_one_or_two_channels():
+    z = torch.tensor([-2.0, 0.0, 3.0]).view(1, 1, 1, 3)
+    assert torch.allclose(saliency_probability(z), torch.sigmoid(z))
+    two = torch.tensor([[1.0, 0.0, -1.0], [-1.0, 0.0, 2.0]]).view(1, 2, 1, 3)
+    # softmax channel 1 = sigmoid of the difference of the two logits
+    assert torch.allclose(saliency_probability(two), torch.sigmoid(two[:, 1:] - two[:, :1]))
+    assert saliency_probability(two).shape == (1, 1, 1, 3)
+    for bad in (torch.zeros(1, 3, 1, 3), torch.zeros(1, 3)):
+        with pytest.raises(ValueError, match=r"\(B, 1, H, W\) or \(B, 2, H, W\) logits"):
+            saliency_probability(bad)
+
+
+def test_saliency_meter_takes_one_logit_or_two_class_logits():
+    # the hand-computed example above: probs .9 .6 .3 .1 as one logit z = logit(p) and as the
+    # class logits (0, z), and as arbitrary class logits (a, a + z): the same maxF
+    probs = torch.tensor([0.9, 0.6, 0.3, 0.1])
+    z = torch.log(probs / (1 - probs)).view(1, 1, 1, 4)
+    gt = torch.tensor([1.0, 0, 1, 0]).view(1, 1, 1, 4)
+    a = torch.tensor([3.0, -1.0, 0.5, 7.0]).view(1, 1, 1, 4)
+    results = []
+    for pred in (z, torch.cat([torch.zeros_like(z), z], 1), torch.cat([a, a + z], 1)):
+        m = SaliencyMeter(thresholds=[0.2, 0.5, 0.8])
+        m.update(pred, gt)
+        results.append(m.compute())
+    assert results[0]["maxF"] == pytest.approx(81.25)
+    assert results[1] == pytest.approx(results[0]) and results[2] == pytest.approx(results[0])
+    m = SaliencyMeter(thresholds=[0.5])
+    with pytest.raises(ValueError, match="`pred` has 1 non-finite value"):
+        m.update(torch.tensor([[0.0, 0], [float("nan"), 0]]).view(1, 2, 1, 2), torch.zeros(1, 1, 1, 2))
+    with pytest.raises(ValueError, match=r"must both be \(B, 1, H, W\) \(the prediction may also be \(B, 2"):
+        m.update(torch.zeros(1, 3, 1, 2), torch.zeros(1, 1, 1, 2))
+    with pytest.raises(ValueError, match=r"must both be \(B, 1, H, W\)$"):  # probabilities: 1 channel
+        SaliencyMeter(from_logits=False).update(torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2))
+    with pytest.raises(ValueError, match=r"must both be \(B, 1, H, W\)$"):  # edges: 1 logit only
+        EdgeMeter().update(torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 4, 4))
 
 
 def test_saliency_meter_averages_per_image():

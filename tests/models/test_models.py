@@ -47,20 +47,29 @@ PAPER_HRNET_COUNTS = {
     ("cityscapes", "ctal"): 5_262_854, ("cityscapes", "m_ctal"): 8_474_086,
     ("cityscapes", "mti_net"): 8_566_734,
 }
-# PASCAL-Context at 512x512 (semseg 21, normals, sal, edge, human_parts 7). The paper's code
-# predicts 2 saliency channels; ctal/tasks.py predicts 1 (a logit), so these counts were taken
-# from the paper's code with NUM_OUTPUT["sal"] = 1 (its sal=2 counts are exactly 257 larger per
-# DeepLab head: 256 weights + 1 bias; 514 for PAD/PAP/CTAL which also have an initial 1x1 conv).
+# PASCAL-Context at 512x512 (semseg 21, normals, sal, edge, human_parts 7), as the paper's code has
+# them: 2 saliency channels (paper_setup's sal_channels=2). With one saliency logit every count is
+# 257 smaller per saliency 1x1 conv from 256 channels (256 weights + 1 bias): one for STL and HPS
+# (the head), two for PAD-Net, PAP-Net and CTALNet (the initial prediction and the head).
 PAPER_SWIN_COUNTS = {
-    ("swin_v2_t", "stl"): 171_034_931, ("swin_v2_t", "hps"): 60_704_651,
-    ("swin_v2_t", "padnet"): 67_154_092, ("swin_v2_t", "papnet"): 38_974_277,
-    ("swin_v2_t", "ctal"): 40_792_748,
-    ("swin_v2_s", "stl"): 277_964_291, ("swin_v2_s", "hps"): 82_090_523,
-    ("swin_v2_s", "padnet"): 88_539_964, ("swin_v2_s", "papnet"): 60_360_149,
-    ("swin_v2_s", "ctal"): 62_178_620,
-    ("swin_v2_b", "stl"): 477_154_041, ("swin_v2_b", "hps"): 129_530_649,
-    ("swin_v2_b", "padnet"): 126_886_970, ("swin_v2_b", "papnet"): 98_707_155,
-    ("swin_v2_b", "ctal"): 100_525_626,
+    ("swin_v2_t", "stl"): 171_035_188, ("swin_v2_t", "hps"): 60_704_908,
+    ("swin_v2_t", "padnet"): 67_154_606, ("swin_v2_t", "papnet"): 38_974_791,
+    ("swin_v2_t", "ctal"): 40_793_262,
+    ("swin_v2_s", "stl"): 277_964_548, ("swin_v2_s", "hps"): 82_090_780,
+    ("swin_v2_s", "padnet"): 88_540_478, ("swin_v2_s", "papnet"): 60_360_663,
+    ("swin_v2_s", "ctal"): 62_179_134,
+    ("swin_v2_b", "stl"): 477_154_298, ("swin_v2_b", "hps"): 129_530_906,
+    ("swin_v2_b", "padnet"): 126_887_484, ("swin_v2_b", "papnet"): 98_707_669,
+    ("swin_v2_b", "ctal"): 100_526_140,
+}
+SAL_CONVS = {"stl": 1, "hps": 1, "padnet": 2, "papnet": 2, "ctal": 2}
+
+# Every packaged config of the paper's models (built as the engine builds them, weights off), with
+# the count of the paper's code for its dataset's setting: the NYUv2 / Cityscapes numbers above and
+# the Swin-v2-S PASCAL ones (2 saliency channels, model.sal_channels in _pascal.yaml).
+PAPER_CONFIG_COUNTS = {
+    **{f"{d}_{n}": c for (d, n), c in PAPER_HRNET_COUNTS.items()},
+    **{f"pascal_{n}": c for (b, n), c in PAPER_SWIN_COUNTS.items() if b == "swin_v2_s"},
 }
 
 
@@ -95,6 +104,50 @@ def test_param_count_swin_models(backbone, name):
     setup = paper_setup("pascal_context")
     setup["backbone"] = backbone
     assert n_params(build_meta(name, **setup)) == PAPER_SWIN_COUNTS[(backbone, name)]
+    if backbone == "swin_v2_s":
+        one_logit = build_meta(name, **dict(setup, sal_channels=1))
+        assert n_params(one_logit) == PAPER_SWIN_COUNTS[(backbone, name)] - 257 * SAL_CONVS[name]
+
+
+def _config_model(name: str):
+    """The model of packaged config ``name`` as the engine builds it (``model_for``), on the meta
+    device, for the paper's grid and classes of its dataset."""
+    from types import SimpleNamespace
+
+    from ctal import config as cfglib
+    from ctal.engine.build import model_for
+    cfg = cfglib.with_defaults(cfglib.load(name))
+    setup = paper_setup(cfg["data"]["dataset"])
+    tasks = cfg["data"]["tasks"]
+    shape = SimpleNamespace(tasks=tasks, size=setup["input_size"],
+                            num_classes={t: c for t, c in setup["num_classes"].items() if t in tasks})
+    with torch.device("meta"):
+        return model_for(cfg, shape, load_pretrained=False)
+
+
+def test_every_paper_config_is_listed():
+    from ctal import config as cfglib
+    paper = {p.stem for p in cfglib.CONFIG_DIR.glob("*.yaml") if p.stem.split("_")[0] in ("nyuv2", "cityscapes", "pascal")
+             and cfglib.load(p.stem)["model"]["name"] in list_models(paper=True)}
+    # pascal_stl_hrnet: HRNet single-task baselines of SCA's protocol, not a model of the paper
+    assert paper - {"pascal_stl_hrnet"} == set(PAPER_CONFIG_COUNTS)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIG_COUNTS))
+def test_param_count_paper_configs(name):
+    model = _config_model(name)
+    assert n_params(model) == PAPER_CONFIG_COUNTS[name]
+    if "sal" in model.tasks:
+        assert model.num_outputs["sal"] == 2
+
+
+@pytest.mark.parametrize("name", ["pascal_stl_resnet", "pascal_hps_resnet", "pascal_mtan", "pascal_sca"])
+def test_mti_net_protocol_configs_keep_one_saliency_logit(name):
+    """The published baselines' code predicts one saliency logit (balanced BCE)."""
+    model = _config_model(name)
+    assert model.num_outputs["sal"] == 1
+    if name in ("pascal_stl_resnet", "pascal_hps_resnet"):
+        assert n_params(model) == MTL_RESNET_COUNTS[("resnet18", name.removeprefix("pascal_"))]
 
 
 def test_param_count_backbones():
