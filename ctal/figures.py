@@ -32,6 +32,7 @@ from PIL import Image
 from scipy.ndimage import distance_transform_edt
 from torch import Tensor
 
+from ._checks import check_grid
 from .metrics import DEFAULT_DELTA_METRICS, HIGHER_IS_BETTER
 from .tasks import EDGE_IGNORE, IGNORE_INDEX, SAL_IGNORE, TASKS, saliency_probability
 from .vis import colorize_image, ctal_rows
@@ -520,12 +521,7 @@ def affinity_figure(image, features: Tensor, weight: Tensor, bias: Optional[Tens
     if not isinstance(weight, Tensor) or tuple(weight.shape) != (h * w, T, 3, 3):
         got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"weight must be (h*w, T, 3, 3) = ({h * w}, {T}, 3, 3) for these features, got {got}")
-    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (h * w,)):
-        got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
-        raise ValueError(f"bias must be (h*w,) = ({h * w},) or None, got {got}")
-    tasks = [f"task {t}" for t in range(T)] if tasks is None else [str(t) for t in tasks]
-    if len(tasks) != T:
-        raise ValueError(f"tasks names {len(tasks)} tasks, features have T = {T}")
+    tasks = _bias_and_task_names(bias, h, w, tasks, T, "features have")
     if isinstance(pixels, tuple) and len(pixels) == 2 and all(isinstance(v, int) for v in pixels):
         pixels = [pixels]
     pixels = [tuple(p) for p in (pixels or [])]
@@ -572,6 +568,17 @@ def affinity_figure(image, features: Tensor, weight: Tensor, bias: Optional[Tens
     return c.fig
 
 
+def _bias_and_task_names(bias, h: int, w: int, tasks, T: int, t_from: str) -> list[str]:
+    """Check the fusion bias ``(h*w,)`` (or None) and return the T task labels."""
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (h * w,)):
+        got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+        raise ValueError(f"bias must be (h*w,) = ({h * w},) or None, got {got}")
+    tasks = [f"task {t}" for t in range(T)] if tasks is None else [str(t) for t in tasks]
+    if len(tasks) != T:
+        raise ValueError(f"tasks names {len(tasks)} tasks, {t_from} T = {T}")
+    return tasks
+
+
 def fusion_weights_figure(weight: Tensor, bias: Optional[Tensor], grid: Sequence[int],
                           tasks: Optional[Sequence[str]] = None, *, title: Optional[str] = None,
                           scale: Optional[int] = None) -> Figure:
@@ -579,20 +586,12 @@ def fusion_weights_figure(weight: Tensor, bias: Optional[Tensor], grid: Sequence
     ``w[i, t, 1, 1]`` (how strongly query ``i`` weighs its own affinity row of task ``t``; one
     colour scale for all tasks) and the bias ``b[i]`` (its own scale). Panels are labelled
     ``"centre tap <task>"`` and ``"bias"``."""
-    if (isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or len(grid) != 2
-            or not all(isinstance(g, int) and g > 0 for g in grid)):
-        raise ValueError(f"grid must be (h, w) positive ints, got {grid!r}")
-    h, w = grid
+    h, w = check_grid(grid, "grid")
     if not isinstance(weight, Tensor) or weight.dim() != 4 or weight.shape[0] != h * w or weight.shape[2:] != (3, 3):
         got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"weight must be (h*w, T, 3, 3) = ({h * w}, T, 3, 3) for the {h}x{w} grid, got {got}")
     T = weight.shape[1]
-    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (h * w,)):
-        got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
-        raise ValueError(f"bias must be (h*w,) = ({h * w},) or None, got {got}")
-    tasks = [f"task {t}" for t in range(T)] if tasks is None else [str(t) for t in tasks]
-    if len(tasks) != T:
-        raise ValueError(f"tasks names {len(tasks)} tasks, weight has T = {T}")
+    tasks = _bias_and_task_names(bias, h, w, tasks, T, "weight has")
     s = _scale(h, w, scale)
     tw, th = s * w, s * h
     centre = _np(weight[:, :, 1, 1]).reshape(h, w, T)
