@@ -16,9 +16,9 @@ from __future__ import annotations
 from typing import Optional
 
 from ._common import (INTERPRET, MAX_CHANNELS, TRITON_IMPORT_ERROR, channel_reason,
-                      device_reason, dtype_reason, fused_tiles, item_size_reason)
+                      device_reason, dtype_reason, item_size_reason)
 
-__all__ = ["fused_flops", "unsupported", "INTERPRET", "MAX_CHANNELS",
+__all__ = ["unsupported", "INTERPRET", "MAX_CHANNELS",
            "TRITON_IMPORT_ERROR"]
 
 
@@ -29,13 +29,3 @@ def unsupported(p, channel_limited: bool) -> Optional[str]:
     if why is None and channel_limited:
         why = channel_reason(p.C) or item_size_reason(p.T, p.C, p.N)
     return why
-
-
-def fused_flops(p) -> int:
-    """Forward work of the fused kernel as launched: each program forms its tile of ``M[i, j]``
-    as 9T shifted dot products of length C (no separate Gram plus 3x3 stencil) for
-    ``BLOCK_R`` of the ``T*C`` value rows, so M is formed ``cdiv(TC, BLOCK_R)`` times:
-    ``2 B N^2 (cdiv(TC, BLOCK_R) 9TC + TC)``."""
-    R = p.T * p.C
-    forms = -(-R // fused_tiles(p.C)["BLOCK_R"])
-    return 2 * p.B * p.N * p.N * (forms * 9 * R + R)

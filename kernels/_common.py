@@ -52,19 +52,6 @@ def channel_block(C: int) -> int:
     return max(16, next_pow2(C))
 
 
-def fused_tiles(C: int) -> dict:
-    """Tiles of the fused quadratic kernels (``kernels/fused.py``) for ``C`` channels.
-
-    ``BLOCK_R`` value rows per program in the forward and value-backward kernels: each program
-    re-forms its ``[BLOCK_M, BLOCK_N]`` tile of M, so the work is ``cdiv(T*C, BLOCK_R)`` times the
-    M-forming work (``fused_flops``); 128 is the widest that compiles without register spills for
-    C = 128 on sm_90 (``python -m ctal.kernels.compile_check``). ``BLOCK_R_CHUNK`` is the
-    reduction chunk over value rows when the backward kernels form dM (register use only)."""
-    wide = channel_block(C) > 64  # wide channel tiles: smaller query/key tiles
-    return dict(BLOCK_M=tile(32 if wide else 64), BLOCK_N=tile(32 if wide else 64),
-                BLOCK_R=tile(128 if wide else 64), BLOCK_R_CHUNK=tile(32 if wide else 64))
-
-
 def interpreter_reason() -> Optional[str]:
     """Why the Triton interpreter cannot run our kernels here (None when it can); see
     ``_probe_interpreter``."""

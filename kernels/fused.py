@@ -21,7 +21,7 @@ Work: forming M as 9T shifted dots costs ``9 T C`` multiply-adds per (i, j) pair
 ``T C + 9 T`` of the literal Gram + stencil order that ``ctal.ops.flops("quadratic")`` counts;
 the row-halo variant of docs/design.md section 3 would close that gap. The forward and value-backward programs
 each own ``BLOCK_R`` value rows and re-form their M tile, so M is formed ``cdiv(T C, BLOCK_R)``
-times (``fused_tiles``); ``kernels.fused_flops`` is the resulting forward count that ``auto``
+times (``fused_tiles``); ``kernels.fused_plan.flops`` is the resulting count that ``auto``
 uses. Tile offsets inside one batch item are int32 (``item_size_reason``).
 Backward multiply-adds per (i, j) pair, with R = T C: query side ``T R + 9 T C`` (dM re-formed per
 task), key side ``9 T R + 9 T C`` (dM re-formed per task and shift), values
@@ -38,10 +38,11 @@ from torch import Tensor
 from ctal.ops.custom_op import define_op
 
 from ._common import (NORM_EPS, acc_dtype, acc_torch_dtype, cdiv, channel_block, channel_reason,
-                      check_device, dot_dtype, fused_tiles, grid_offsets, input_precision,
+                      check_device, dot_dtype, grid_offsets, input_precision,
                       item_size_reason, l2norm_bwd_tile, poisoned, shifted_pixels, tl, triton,
                       warps)
 from .affinity import l2norm
+from .fused_plan import fused_tiles
 
 
 @triton.jit

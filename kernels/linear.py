@@ -25,8 +25,9 @@ from ctal.ops.custom_op import define_op
 
 from ._common import (NORM_EPS, acc_dtype, acc_torch_dtype, cdiv, channel_block, channel_reason,
                       check_device, dot_dtype, grid_offsets, input_precision, item_size_reason,
-                      l2norm_bwd_tile, poisoned, shifted_pixels, tile, tl, triton, warps)
+                      l2norm_bwd_tile, poisoned, shifted_pixels, tl, triton, warps)
 from .affinity import l2norm
+from .linear_plan import linear_tiles
 
 
 @triton.jit
@@ -215,11 +216,11 @@ def _state(x, nrm, weight, bias, src, is_query: bool) -> Tensor:
     N, R = H * W, T * C
     P1 = 9 * R + 1
     s = poisoned((B, P1, R), x, acc_torch_dtype(x.dtype))
-    BP, BR, BN = tile(64), tile(64), tile(32)
+    t = linear_tiles(C)["state"]
     has_bias = bias is not None
-    linear_state_fwd_kernel[(cdiv(P1, BP), cdiv(R, BR), B)](
+    linear_state_fwd_kernel[(cdiv(P1, t["BLOCK_P"]), cdiv(R, t["BLOCK_R"]), B)](
         x, nrm, weight, bias if has_bias else weight, src, s, T, C, N, H, W,
-        IS_QUERY=is_query, HAS_BIAS=has_bias, BLOCK_P=BP, BLOCK_R=BR, BLOCK_N=BN, **_meta(x))
+        IS_QUERY=is_query, HAS_BIAS=has_bias, **t, **_meta(x))
     return s
 
 
@@ -227,11 +228,11 @@ def _out(x, nrm, weight, bias, s, is_query: bool) -> Tensor:
     B, T, C, H, W = x.shape
     N, R = H * W, T * C
     out = poisoned(x.shape, x)
-    BP, BR, BN = tile(32), tile(64), tile(64)
+    t = linear_tiles(C)["out"]
     has_bias = bias is not None
-    linear_out_fwd_kernel[(cdiv(N, BN), cdiv(R, BR), B)](
+    linear_out_fwd_kernel[(cdiv(N, t["BLOCK_N"]), cdiv(R, t["BLOCK_R"]), B)](
         x, nrm, weight, bias if has_bias else weight, s, out, T, C, N, H, W,
-        IS_QUERY=is_query, HAS_BIAS=has_bias, BLOCK_P=BP, BLOCK_R=BR, BLOCK_N=BN, **_meta(x))
+        IS_QUERY=is_query, HAS_BIAS=has_bias, **t, **_meta(x))
     return out
 
 
@@ -263,10 +264,10 @@ def backward(dy: Tensor, x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Te
     dx = poisoned(x.shape, x)
     dw_part = poisoned((B, N, T, 9), x, acc)
     db_part = poisoned((B, N), x, acc)
-    BN = tile(32 if C > 64 else 64)
-    linear_bwd_kernel[(cdiv(N, BN), T, B)](
+    t = linear_tiles(C)["bwd"]
+    linear_bwd_kernel[(cdiv(N, t["BLOCK_N"]), T, B)](
         x, nrm, v, weight, dy, g, dg, dx, dw_part, db_part, T, C, N, H, W, EPS=NORM_EPS,
-        HAS_BIAS=bias is not None, BLOCK_N=BN, BLOCK_R=tile(16), BLOCK_C=channel_block(C),
+        HAS_BIAS=bias is not None, **t,
         ACC=acc_dtype(x.dtype), DOT=dot_dtype(x.dtype), PREC=input_precision(x.dtype),
         num_warps=warps(8 if channel_block(C) >= 128 else 4), num_stages=2)
     dw = dw_part.sum(0).reshape(N, T, 3, 3).to(x.dtype)

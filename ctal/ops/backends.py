@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import partial
 
 from ctal import kernels
+from ctal.kernels import fused_plan, linear_plan
 
 from . import extension, reference
 from .linear import linear_attention, traceable_attention
@@ -49,9 +50,9 @@ else:  # registered anyway: unsupported() gives the import error, and so would a
     _triton_fused = _triton_linear = _triton_staged = _triton_missing
 
 register_backend(Backend("triton-fused", "quadratic", "triton", _triton_fused,
-                         partial(kernels.unsupported, channel_limited=True), cost=kernels.fused_flops))
+                         partial(kernels.unsupported, channel_limited=True), cost=fused_plan.flops))
 register_backend(Backend("triton-linear", "linear", "triton", _triton_linear,
-                         partial(kernels.unsupported, channel_limited=True)))
+                         partial(kernels.unsupported, channel_limited=True), cost=linear_plan.flops))
 # Materializes the affinities and M; ``auto`` prefers triton-fused, the same algorithm in O(N) memory.
 register_backend(Backend("triton-staged", "quadratic", "triton", _triton_staged,
                          partial(kernels.unsupported, channel_limited=False),

@@ -26,7 +26,7 @@ from tests.helpers import assert_close, reference64, rel_err, run
 triton = pytest.importorskip("triton")
 
 import ctal.kernels as K  # noqa: E402
-from ctal.kernels import _common, affinity, diffusion, fused, linear  # noqa: E402
+from ctal.kernels import _common, affinity, diffusion, fused, fused_plan, linear  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -178,7 +178,7 @@ def test_every_kernel_casts_program_ids_to_int64():
 
 
 def test_fused_cost_counts_the_m_tiles_the_launch_forms(monkeypatch):
-    """``auto`` compares the fused backend by ``fused_flops``: it must count M once per BLOCK_R
+    """``auto`` compares the fused backend by ``fused_plan.flops``: it must count M once per BLOCK_R
     block of value rows, with the BLOCK_R the forward kernel is really launched with."""
     seen = {}
 
@@ -191,11 +191,11 @@ def test_fused_cost_counts_the_m_tiles_the_launch_forms(monkeypatch):
     x, v, w, b = _problem(B, T, C, H, W, torch.float32)
     fused.forward(x, v, w, b)
     R, N = T * C, H * W
-    assert seen["BLOCK_R"] == _common.fused_tiles(C)["BLOCK_R"]
+    assert seen["BLOCK_R"] == fused_plan.fused_tiles(C)["BLOCK_R"]
     assert seen["grid"][1] == -(-R // seen["BLOCK_R"])
     p = ops.Problem(B, T, C, H, W, torch.float32, torch.device(DEV))
-    assert K.fused_flops(p) == 2 * B * N * N * (seen["grid"][1] * 9 * R + R)
-    assert ops.backend_flops(ops.backends()["triton-fused"], p) == K.fused_flops(p)
+    assert fused_plan.flops(p) == 2 * B * N * N * (seen["grid"][1] * 9 * R + R)
+    assert ops.backend_flops(ops.backends()["triton-fused"], p) == fused_plan.flops(p)
 
 
 def test_batch_items_too_large_for_int32_tiles_are_refused():
