@@ -463,12 +463,14 @@ def ext(args) -> int:
 
 def sanitize_case(args) -> int:
     """Both CUDA backends, forward and backward, on tiny grids (partly filled tiles) in each dtype:
-    fp32 takes the FMA paths, bf16 the WMMA tensor-core paths."""
+    fp32 takes the FMA paths, bf16 the WMMA tensor-core paths. The 12x40 grid (N * 4 bytes a
+    multiple of 16) takes cuda-fused's cp.async staging and wraps its ring of M key chunks; the
+    odd grids take the plain-load fallback."""
     import torch
     from ctal import ops
     for mode in args.dtypes.split(","):
         dtype = getattr(torch, MODES[mode][0])
-        for shape in ((2, 3, 5, 5, 7), (1, 2, 20, 6, 9)):
+        for shape in ((2, 3, 5, 5, 7), (1, 2, 20, 6, 9), (1, 2, 16, 12, 40)):
             B, T, C, H, W = shape
             gen = torch.Generator().manual_seed(0)
             mk = lambda *s: torch.randn(*s, generator=gen).to("cuda", dtype).requires_grad_()  # noqa: E731

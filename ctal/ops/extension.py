@@ -10,7 +10,8 @@ name          algorithm  implementation
 cpp           linear     C++ gathers/scatters with at::parallel_for around BLAS GEMMs (CPU)
 cuda-linear   linear     CUDA gathers/scatters around cuBLAS GEMMs
 cuda-fused    quadratic  tiled CUDA kernel: similarity tiles, 3x3 stencil, value tile; N x N
-                         is never written (forward and backward by recomputation)
+                         is never written (forward and backward by recomputation); shared
+                         memory grows with the grid width, not with N
 ============  =========  ===============================================================
 
 When the extension is missing, or was built without CUDA, the backends stay registered and their
@@ -85,25 +86,46 @@ def cuda_linear_unsupported(p) -> Optional[str]:
 
 
 # Shared memory of one cuda-fused block, mirroring make_layout() in csrc/fused_cuda.cu (pure Python
-# so that backend checks stay traceable; tests check it against ctal._C.fused_smem_bytes).
-_FUSED_BM, _FUSED_KC = 16, 64
+# so that backend checks stay traceable; tests check it against ctal._C.fused_smem_bytes). Keys are
+# tiled in chunks of _FUSED_KC, so the need does not grow with N: it grows with the grid width W
+# (the stencil's halo of W + 1 keys on either side of a chunk is kept in rings of M and dM rows)
+# and with T and C (the block's query tiles of every task stay resident).
+_FUSED_BM, _FUSED_KC = 16, 32
 
 
 def fused_smem_bytes(T: int, C: int, H: int, W: int, dtype: torch.dtype, allow_tf32: bool,
                      backward: bool) -> int:
-    del T, allow_tf32  # the layout depends on neither
+    if T <= 0 or C <= 0 or H <= 0 or W <= 0 or H * W > 1 << 24:
+        return -1
+    bm, kc = _FUSED_BM, _FUSED_KC
     acc = 8 if dtype == torch.float64 else 4
     half = dtype in (torch.float16, torch.bfloat16)
     op, skew = (2, 8) if half else ((8, 2) if dtype == torch.float64 else (4, 4))
+    tensor_cores = half or (dtype == torch.float32 and allow_tf32)
     cp = -(-C // 16) * 16
-    nk = -(-(H * W) // _FUSED_KC) * _FUSED_KC
-    sizes = [_FUSED_BM * (nk + 4) * acc, _FUSED_BM * (nk + 4) * acc,  # M, S row blocks
-             cp * (_FUSED_BM + skew) * op, cp * (_FUSED_KC + skew) * op,  # query / key operands
-             _FUSED_BM * (_FUSED_KC + skew) * op, _FUSED_BM * (cp + 4) * acc]  # M chunk, Y
+    chunks = -(-(H * W) // kc)
+    halo = -(-(W + 1) // kc)
+    ring = bm * (min(2 * halo + 1, chunks) * kc + 4) * acc   # M (and dM) rows of the ring's chunks
+    query = T * cp * bm * op                                 # n_t (and dY_t) of the block's queries
+    sizes = [ring] + ([ring] if backward else []) + [bm * (kc + 4) * acc]  # + S of one chunk
+    sizes += [query] + ([query] if backward else [])
+    sizes += [2 * cp * (kc + skew) * op, bm * (kc + skew) * op]  # two key tiles, As
+    if not backward:
+        sizes.append(T * bm * (cp + 4) * acc)                   # output accumulators
+    if backward and tensor_cores:
+        sizes.append(4 * 256 * acc)                             # per-warp staging of the atomics
+    sizes.append(bm * T * 9 * acc)                              # weights
     if backward:
-        sizes.append(_FUSED_KC * (cp + 4) * acc)
-    sizes.append(_FUSED_BM * 9 * acc)
+        sizes.append((bm * T * 9 + bm) * acc)                   # dw, db partials
     return sum(-(-s // 128) * 128 for s in sizes)
+
+
+def fused_smem_need(T: int, C: int, H: int, W: int, dtype: torch.dtype) -> int:
+    """The most shared memory a cuda-fused block takes for this problem: forward or backward, with
+    or without TF32 (sized for all, so that training and inference and both TF32 settings are
+    served at the same sizes)."""
+    return max(fused_smem_bytes(T, C, H, W, dtype, tf32, bwd)
+               for tf32 in (False, True) for bwd in (False, True))
 
 
 _SMEM_LIMIT: dict[int, int] = {}
@@ -125,13 +147,15 @@ def cuda_fused_unsupported(p) -> Optional[str]:
         return f"unsupported dtype {p.dtype}"
     if p.B > 65535:  # one grid row per batch item (check_fused in csrc/fused_cuda.cu)
         return f"batch {p.B} exceeds the CUDA grid limit of 65535 (use cuda-linear)"
-    # Sized for the backward, which needs the most, so a forward-only call is refused at the same
-    # size: one limit for training and inference.
-    need = fused_smem_bytes(p.T, p.C, p.H, p.W, p.dtype, False, True)
+    if p.H * p.W > 1 << 24 or p.C > 4096 or p.T > 4096:  # 32-bit indices inside the kernels
+        return (f"a {p.H}x{p.W} grid with T={p.T}, C={p.C} is past the kernel's index limits "
+                f"(H*W <= 2^24, C <= 4096, T <= 4096; use cuda-linear)")
+    need = fused_smem_need(p.T, p.C, p.H, p.W, p.dtype)
     have = fused_smem_limit(p.device.index if p.device.index is not None else torch.cuda.current_device())
     if need > have:
-        return (f"a {p.H}x{p.W} grid with C={p.C} needs {need // 1024} KiB of shared memory per "
-                f"block, the device allows {have // 1024} KiB (use cuda-linear)")
+        return (f"a {p.H}x{p.W} grid with T={p.T}, C={p.C} needs {need // 1024} KiB of shared memory "
+                f"per block (the key halo grows with the grid width W, the query tiles with T and C), "
+                f"the device allows {have // 1024} KiB (use cuda-linear)")
     return None
 
 

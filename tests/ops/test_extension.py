@@ -140,7 +140,8 @@ def test_fused_smem_formula_matches_the_kernel_layout():
     from ctal import _C
     names = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
              torch.float16: "float16"}
-    for (T, C, H, W) in [(3, 128, 16, 16), (5, 3, 5, 7), (2, 200, 33, 1), (3, 128, 72, 96)]:
+    for (T, C, H, W) in [(3, 128, 16, 16), (5, 3, 5, 7), (2, 200, 33, 1), (3, 128, 72, 96),
+                         (2, 128, 32, 64), (4, 17, 1, 40), (2, 64, 3, 500), (1, 1, 1, 1)]:
         for dtype, name in names.items():
             for tf32 in (False, True):
                 for bwd in (False, True):
@@ -170,17 +171,22 @@ def test_cuda_backends_match_reference(backend, shape, dtype, tf32, tol, bias, m
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
     x, v, w, b = _cuda_problem(shape, dtype, bias)  # the reference sees the same (rounded) inputs
     why = ops.backends()[backend].unsupported(ops.Problem.of(x))
-    if backend == "cuda-fused" and dtype == torch.float64 and shape[2] == 128:
-        assert why is not None and "shared memory" in why  # the one case the fused kernel refuses
-        pytest.skip(why)
+    if backend == "cuda-fused":  # refused exactly when the shared-memory model says it cannot fit
+        fits = extension.fused_smem_need(*shape[1:], dtype) <= extension.fused_smem_limit(x.device.index)
+        assert (why is None) == fits, why
+        if not fits:
+            assert "shared memory" in why
+            pytest.skip(why)
     assert why is None
     _check(backend, x, v, w, b, tol=tol)
 
 
 @pytest.mark.gpu
 @needs_gpu
-def test_cuda_fused_refuses_large_grids_with_a_reason():
-    p = ops.Problem(1, 3, 128, 72, 96, torch.float32, torch.device("cuda"))
+def test_cuda_fused_refuses_wide_grids_with_a_reason():
+    nyuv2 = ops.Problem(1, 3, 128, 72, 96, torch.float32, torch.device("cuda"))
+    assert ops.backends()["cuda-fused"].unsupported(nyuv2) is None  # keys are tiled: N is no limit
+    p = ops.Problem(1, 3, 128, 4, 2000, torch.float32, torch.device("cuda"))  # a 2000-pixel row halo
     why = ops.backends()["cuda-fused"].unsupported(p)
     assert why is not None and "cuda-linear" in why
     huge_batch = ops.Problem(70000, 1, 8, 4, 5, torch.float32, torch.device("cuda"))
