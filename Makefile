@@ -4,6 +4,8 @@
 #   make test-ext        the extension's tests
 #   make bench-cpu       every CPU backend (C++, PyTorch linear/quadratic, reference) side by side
 #   make resource-usage  nvcc -Xptxas -v for every CUDA kernel: registers, shared memory, spills
+#   make static-report   every Triton launch compiled for sm_90 as the JIT would (paper shapes, TF32
+#                        and bf16) plus the CUDA kernels: the tables of benchmarks/RESOURCES.md
 #   make sanitize        (GPU) compute-sanitizer memcheck + racecheck on small cases of both CUDA
 #                        backends, fp32 and bf16 (the case scripts/gpu_session.sh runs)
 #   make gpu-prebuild    ctal._C for the GPU machine (torch 2.11 / CUDA 13 / sm_90) into build/gpu
@@ -14,7 +16,7 @@ ARCHS ?= 80 90
 JOBS ?= $(shell nproc)
 CU ?= csrc/linear_cuda.cu csrc/fused_cuda.cu
 
-.PHONY: ext ext-cpu test-ext bench-cpu resource-usage sanitize gpu-prebuild gpu-dry-run clean-ext
+.PHONY: ext ext-cpu test-ext bench-cpu resource-usage static-report sanitize gpu-prebuild gpu-dry-run clean-ext
 
 ext:
 	MAX_JOBS=$(JOBS) $(PY) -m pip install --no-build-isolation --no-deps -e .
@@ -50,6 +52,12 @@ resource-usage:
 	      case "$$line" in _Z*) echo "  $$(echo "$$line" | cut -d' ' -f1 | c++filt -p | sed -E 's/ctal_ext::\(anonymous namespace\):://')";; \
 	      *) echo "      $$line" | sed -E 's/ptxas info *: //';; esac; done; \
 	done; done
+
+# The static kernel report (kernels/compile_check.py); REPORT_ARGS adds options, e.g.
+# REPORT_ARGS="--dtypes fp32 tf32 bf16 fp64" or "--shapes small".
+REPORT_ARGS ?=
+static-report:
+	env -u TRITON_INTERPRET $(PY) -m ctal.kernels.compile_check --markdown --cuda $(REPORT_ARGS)
 
 # Without the caching allocator each tensor is its own allocation, so memcheck also sees a read
 # past a tensor's end that would land inside a cached block.

@@ -2,8 +2,10 @@
 
 - ``affinity``: L2 norms, the normalized Gram (optionally stored task-interleaved), alignment;
 - ``diffusion``: the grouped 3x3 diffusion conv producing ``M`` and propagation ``M v``;
-- ``fused``: quadratic CTAL without any N x N matrix (docs/design.md section 3);
-- ``linear``: linear-order CTAL with the shifted / weight-scaled operands formed in the GEMMs;
+- ``fused``: quadratic CTAL without any N x N matrix, Gram formed once per tile and the 3x3
+  stencil applied to it (docs/design.md section 3);
+- ``linear``: linear-order CTAL: operands prepared once as padded, aligned copies in the dot
+  dtype, then GEMM kernels (the fusion weight is a per-pixel scale of an operand);
 - ``staged``: the stage kernels composed into the whole op.
 
 ``ctal.ops.backends`` registers them as the backends ``triton-fused`` and ``triton-staged``

@@ -31,10 +31,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # exactly what a GPU launches. Read at import, like INTERPRET.
 GPU_TILES = os.environ.get("CTAL_GPU_TILES", "0") == "1"
 
-# The fused-quadratic and linear backward kernels hold all C channels of a pixel in one tile. Past
-# 128 channels that tile no longer fits the registers on sm_90 (fp32 at C = 130: 3.7 KB of local
-# memory per thread in fused_query_bwd, 0.5 KB in fused_fwd; python -m ctal.kernels.compile_check),
-# so wider problems are refused and ``auto`` takes the linear form's other implementations.
+# The fused-quadratic and linear kernels hold all C channels of a pixel in one tile; their tiles
+# are sized for, and compiled and checked for register spills on sm_90 at, up to 128 channels
+# (python -m ctal.kernels.compile_check --channels ...), so wider problems are refused and ``auto``
+# takes another implementation.
 MAX_CHANNELS = 128
 NORM_EPS = 1e-12  # F.normalize's default eps, as in ctal.ops.reference
 

@@ -266,7 +266,8 @@ if [ "$CUDA" = 1 ]; then
                 --out "$WORK/ops/ops-cuda" --jsonl "$WORK/ops.jsonl" --deadline "$DL"
         fi
         plan ext-tests 120 && run ext-tests "$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra \
-            --junitxml="$WORK/tests/ext-tests.xml" tests/ops/test_extension.py
+            --junitxml="$WORK/tests/ext-tests.xml" tests/ops/test_extension.py \
+            tests/ops/test_extension_linear.py tests/ops/test_extension_fused.py
         for tool in memcheck racecheck; do
             extra=(); [ $tool = racecheck ] && extra=(--racecheck-report all)
             if ! command -v compute-sanitizer >/dev/null; then
@@ -321,7 +322,9 @@ fi
 
 # 8. The GPU test files, GPU-marked tests first, until the deadline. (The dry run collects and
 # skips the GPU-marked ones: it checks the files import and the JUnit XML comes back.)
-TEST_FILES=(tests/ops/test_conformance.py tests/ops/test_triton.py tests/ops/test_ops.py tests/ops/test_module.py tests/ops/test_extension.py)
+TEST_FILES=(tests/ops/test_conformance.py tests/ops/test_triton.py tests/ops/test_triton_linear.py
+    tests/ops/test_triton_fused.py tests/ops/test_ops.py tests/ops/test_module.py tests/ops/test_extension.py
+    tests/ops/test_extension_linear.py tests/ops/test_extension_fused.py)
 if [ "$CUDA" = 1 ] || [ "$DRY" = 1 ]; then
     plan gpu-tests 400 && run gpu-tests "$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
         --junitxml="$WORK/tests/gpu-tests.xml" "${TEST_FILES[@]}"

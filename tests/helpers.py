@@ -11,6 +11,22 @@ from ctal import config
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def triton_device() -> str:
+    """Where the Triton kernel tests run: ``"cuda"`` on a GPU, else ``"cpu"`` in the interpreter.
+    Call it at module level, before importing kernel modules: it skips the module when triton is
+    missing or neither a GPU nor a working interpreter is available."""
+    import pytest
+    pytest.importorskip("triton")
+    from ctal.kernels import _common
+    if torch.cuda.is_available():
+        return "cuda"
+    if not _common.INTERPRET:
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
+    if _common.interpreter_reason():
+        pytest.skip(_common.interpreter_reason(), allow_module_level=True)
+    return "cpu"
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """norm(a - b) / norm(b); NaN anywhere never passes."""
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):

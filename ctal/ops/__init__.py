@@ -108,9 +108,16 @@ def ctal_attention(x: Tensor, v: Tensor, weight: Tensor, bias: Optional[Tensor] 
     dtype = amp.autocast_dtype(x)
     x, v, weight, bias = (amp.cast(dtype, t) for t in (x, v, weight, bias))
     validate.attention_inputs(x, v, weight, bias)
-    name = decide(Problem.of(x), backend, note=amp.refusal_note(dtype, x)).backend
+    name = decide(Problem.of(x), backend, note=amp.refusal_note(dtype, x),
+                  backward=_needs_backward(x, v, weight, bias)).backend
     with amp.disabled(dtype, x):
         return backends()[name].fn(x, v, weight, bias)
+
+
+def _needs_backward(*tensors: Optional[Tensor]) -> bool:
+    """Whether this call will be differentiated: then ``auto`` compares forward plus backward
+    FLOPs (the kernels' backward work is not a fixed multiple of their forward)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def explain(x: Tensor, v: Optional[Tensor] = None, weight: Optional[Tensor] = None,
@@ -119,7 +126,7 @@ def explain(x: Tensor, v: Optional[Tensor] = None, weight: Optional[Tensor] = No
     with their FLOP counts and availability. ``print(explain(...))`` gives a table. ``v``,
     ``weight`` and ``bias`` are optional; when given, they are checked as ``ctal_attention``
     would check them. Under ``torch.autocast`` the decision is for the autocast dtype, as in
-    ``ctal_attention``."""
+    ``ctal_attention``; like it, FLOPs are forward plus backward when an input requires grad."""
     dtype = amp.autocast_dtype(x)
     if v is None and weight is None and bias is None:
         validate.features(x)
@@ -128,7 +135,8 @@ def explain(x: Tensor, v: Optional[Tensor] = None, weight: Optional[Tensor] = No
     else:
         validate.attention_inputs(*(amp.cast(dtype, t) for t in (x, v, weight, bias)))
     p = dataclasses.replace(Problem.of(x), dtype=amp.compute_dtype(x))
-    return decide(p, backend, note=amp.refusal_note(dtype, x))
+    return decide(p, backend, note=amp.refusal_note(dtype, x),
+                  backward=_needs_backward(x, v, weight, bias))
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

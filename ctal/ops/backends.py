@@ -14,6 +14,7 @@ from ctal import kernels
 from ctal.kernels import fused_plan, linear_plan
 
 from . import extension, reference
+from .cost import cuda_fused_flops, cuda_linear_flops
 from .linear import linear_attention, traceable_attention
 from .quadratic import quadratic_attention
 from .registry import STAGES, Backend, register_backend, register_stage
@@ -30,10 +31,13 @@ for _stage in STAGES:
 
 # --- the compiled extension (csrc/) --------------------------------------------------------------
 register_backend(Backend("cpp", "linear", "cpp", extension.cpp_attention, extension.cpp_unsupported))
+# The CUDA and Triton kernels declare the FLOPs their launches really perform (padded pixel axes
+# and tiles, the fused kernels' recomputation), forward or forward + backward: ``auto`` compares those.
 register_backend(Backend("cuda-linear", "linear", "cuda", extension.cpp_attention,
-                         extension.cuda_linear_unsupported))
+                         extension.cuda_linear_unsupported, cost=cuda_linear_flops))
 register_backend(Backend("cuda-fused", "quadratic", "cuda", extension.fused_attention,
-                         extension.cuda_fused_unsupported))
+                         extension.cuda_fused_unsupported, cost=cuda_fused_flops,
+                         deterministic_backward=False))
 extension.read_device_limits()
 
 # --- Triton (kernels/, installed as ctal.kernels) ------------------------------------------------
@@ -50,7 +54,8 @@ else:  # registered anyway: unsupported() gives the import error, and so would a
     _triton_fused = _triton_linear = _triton_staged = _triton_missing
 
 register_backend(Backend("triton-fused", "quadratic", "triton", _triton_fused,
-                         partial(kernels.unsupported, channel_limited=True), cost=fused_plan.flops))
+                         partial(kernels.unsupported, channel_limited=True), cost=fused_plan.flops,
+                         deterministic_backward=False))
 register_backend(Backend("triton-linear", "linear", "triton", _triton_linear,
                          partial(kernels.unsupported, channel_limited=True), cost=linear_plan.flops))
 # Materializes the affinities and M; ``auto`` prefers triton-fused, the same algorithm in O(N) memory.

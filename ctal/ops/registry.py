@@ -66,9 +66,14 @@ class Backend:
     auto_eligible: bool = True
     # True when the backend holds N x N matrices (then ``auto`` avoids it for huge N).
     materializes_nxn: bool = False
-    # Its own FLOP count when it does more work than its algorithm's minimum (e.g. a fused
-    # kernel that recomputes the stencil as 9T shifted dot products); None = the algorithm's.
-    cost: Optional[Callable[[Problem], int]] = None
+    # ``cost(problem, backward=False)``: the FLOPs its launches really perform (forward, or
+    # forward plus backward), when that differs from its algorithm's minimum (padded tiles,
+    # recomputed tiles); None = the algorithm's minimum, ``ctal.ops.flops``.
+    cost: Optional[Callable[..., int]] = None
+    # False when its backward accumulates with atomic adds (results vary in the last bits from run
+    # to run): under ``torch.use_deterministic_algorithms`` ``auto`` does not pick it for a call
+    # that will be differentiated, and the backend itself raises like PyTorch's own such ops.
+    deterministic_backward: bool = True
 
 
 _BACKENDS: dict[str, Backend] = {}
