@@ -157,8 +157,9 @@ def _diffuse_backward(dm: Tensor, z: Tensor, weight: Tensor, bias: Optional[Tens
     diffuse_bwd_kernel[(cdiv(N, BM), cdiv(N, BN), B)](dm, weight, dz, T, N, H, W, BLOCK_M=BM,
                                                       BLOCK_N=BN, ACC=acc, num_warps=warps(4))
     dw = poisoned(weight.shape, weight, acc_torch_dtype(z.dtype))
+    # 8 warps: at 4, ptxas 12.8 (Triton 3.6) spills in bf16.
     diffuse_weight_bwd_kernel[(cdiv(N, BM), T)](dm, z, dw, B, T, N, H, W, BLOCK_M=BM,
-                                                BLOCK_N=BN, ACC=acc, num_warps=warps(4))
+                                                BLOCK_N=BN, ACC=acc, num_warps=warps(8))
     db = dm.sum((0, 2), dtype=acc_torch_dtype(z.dtype)).to(z.dtype) if has_bias else None
     return dz, dw.to(weight.dtype), db
 

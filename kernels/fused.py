@@ -83,9 +83,10 @@ def _operand(a, DOT: tl.constexpr, PREC: tl.constexpr):
 def _gram_to_scratch(x_base, nrm_base, scratch, offs_i, i_ok, lo, hi, base, T, C, N,
                      BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
                      RING: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-                     PREC: tl.constexpr):
+                     PREC: tl.constexpr, STAGES: tl.constexpr):
     """``S_t[i, k]`` for the keys ``lo <= k < hi`` of every task, stored in column
-    ``(k - base) mod RING`` of task ``t``'s [BM, RING] scratch (``lo`` on a chunk boundary)."""
+    ``(k - base) mod RING`` of task ``t``'s [BM, RING] scratch (``lo`` on a chunk boundary);
+    ``STAGES``: software-pipelining depth of the key loop."""
     offs_c = tl.arange(0, BLOCK_C)  # [BC]
     c_ok = offs_c < C
     rows = tl.arange(0, BLOCK_M)  # [BM]
@@ -94,7 +95,7 @@ def _gram_to_scratch(x_base, nrm_base, scratch, offs_i, i_ok, lo, hi, base, T, C
         nt_base = nrm_base + t * N
         qn = _operand(_load_normalized(xt_base, nt_base, offs_c, c_ok, offs_i, i_ok, N, ACC),
                       DOT, PREC)  # [BM, BC]
-        for k0 in range(lo, hi, BLOCK_H):
+        for k0 in tl.range(lo, hi, BLOCK_H, num_stages=STAGES):
             keys = k0 + tl.arange(0, BLOCK_H)  # [BH]
             k_ok = keys < hi
             kn = _load_normalized(xt_base, nt_base, offs_c, c_ok, keys, k_ok, N, ACC)  # [BH, BC]
@@ -152,7 +153,7 @@ def fused_fwd_kernel(x_ptr, nrm_ptr, v_ptr, w_ptr, bias_ptr, vsum_ptr, y_ptr, ri
         lo = tl.where(j0 > 0, j0 + LEAD, 0)
         hi = tl.minimum(j0 + BLOCK_N + LEAD, N)
         _gram_to_scratch(x_base, nrm_base, ring, offs_i, i_ok, lo, hi, 0, T, C, N,
-                         BLOCK_M, BLOCK_H, BLOCK_C, RING, ACC, DOT, PREC)
+                         BLOCK_M, BLOCK_H, BLOCK_C, RING, ACC, DOT, PREC, 2)  # _meta's stages
         tl.debug_barrier()  # the ring's stores before its shifted loads
         offs_j, jy, jx, j_ok = grid_offsets(j0, BLOCK_N, N, W)  # [BN]
         m = _stencil_from_scratch(ring, w_ptr, offs_i, i_ok, jy, jx, j_ok, 0, T, H, W,
@@ -217,7 +218,7 @@ def fused_query_bwd_kernel(x_ptr, nrm_ptr, v_ptr, w_ptr, dy_ptr, dn_ptr, dw_part
             tl.store(dm_ring + rows[:, None] * RING + (keys & (RING - 1))[None, :], dm,
                      mask=k_ok[None, :])
         _gram_to_scratch(x_base, nrm_base, ring, offs_i, i_ok, lo, hi, 0, T, C, N,
-                         BLOCK_M, BLOCK_H, BLOCK_C, RING, ACC, DOT, PREC)
+                         BLOCK_M, BLOCK_H, BLOCK_C, RING, ACC, DOT, PREC, 2)  # _meta's stages
         tl.debug_barrier()  # the rings' stores before their shifted loads
         for t in range(T):
             xt_base = x_base + t * C * N
@@ -287,8 +288,11 @@ def fused_value_bwd_kernel(x_ptr, nrm_ptr, w_ptr, dyb_ptr, dy_ptr, dv_ptr, scrat
     for i0 in range(0, N, BLOCK_M):
         offs_i = i0 + tl.arange(0, BLOCK_M)  # [BM]
         i_ok = offs_i < N
+        # Unpipelined Gram loop: with a second stage its prefetch buffers, live beside the
+        # [BR, BN] accumulator and the dy tile, exceed 255 registers under Triton 3.6 (TF32,
+        # exact fp32, fp64) and spill.
         _gram_to_scratch(x_base, nrm_base, scratch, offs_i, i_ok, lo, hi, j0 - LEAD, T, C, N,
-                         BLOCK_M, BLOCK_H, BLOCK_C, RING, ACC, DOT, PREC)
+                         BLOCK_M, BLOCK_H, BLOCK_C, RING, ACC, DOT, PREC, 1)
         tl.debug_barrier()  # the scratch stores before its shifted loads
         m = _stencil_from_scratch(scratch, w_ptr, offs_i, i_ok, jy, jx, j_ok, j0 - LEAD, T, H,
                                   W, BLOCK_M, BLOCK_N, RING, ACC)  # [BM, BN], M - bias
