@@ -673,6 +673,16 @@ def _attrs_text(attrs: dict) -> str:
     return "; ".join(parts) or "none"
 
 
+def _error_cell(r: dict) -> str:
+    """A record's compile error on one table cell."""
+    return "ERROR: " + " ".join(r["error"].split())[:200].replace("|", "/")
+
+
+def _tc_kinds(main_loop: dict) -> str:
+    """The main loop's tensor-core instructions, e.g. ``HGMMA.tf32 x8``."""
+    return ", ".join(f"{k} x{v}" for k, v in sorted(main_loop.get("tc_kinds", {}).items())) or "-"
+
+
 def markdown(records: list[dict], flops: list[dict], arch: int, cuda: Optional[list[dict]] = None,
              command: str = "") -> str:
     import torch
@@ -713,11 +723,10 @@ def markdown(records: list[dict], flops: list[dict], arch: int, cuda: Optional[l
                     if len(varying.get((r["kernel"], r.get("dtype")), {}).get(k, ())) > 1]
             short += f" ({', '.join(tags)})" if tags else ""
             if r.get("error"):
-                err = " ".join(r["error"].split())[:200].replace("|", "/")
-                lines.append(f"| {r['backend']} | {short} | {r['dtype']} | ERROR: {err} | | | | | | | | |")
+                lines.append(f"| {r['backend']} | {short} | {r['dtype']} | {_error_cell(r)} | | | | | | | | |")
                 continue
             ml = r.get("main_loop") or {}
-            kinds = ", ".join(f"{k} x{v}" for k, v in sorted(ml.get("tc_kinds", {}).items())) or "-"
+            kinds = _tc_kinds(ml)
             pipe = {"tensor": "TC", None: ""}.get(ml.get("pipe"), ml.get("pipe"))
             lines.append(
                 f"| {r['backend']} | {short} | {r['dtype']} | {r.get('regs')} | {r.get('local')} | "
@@ -757,11 +766,10 @@ def markdown(records: list[dict], flops: list[dict], arch: int, cuda: Optional[l
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
         for r in cuda:
             if r.get("error"):
-                err = " ".join(r["error"].split())[:200].replace("|", "/")
-                lines.append(f"| {r['source']} | {r['kernel']} | ERROR: {err} | | | | | | | | |")
+                lines.append(f"| {r['source']} | {r['kernel']} | {_error_cell(r)} | | | | | | | | |")
                 continue
             ml = r.get("main_loop") or {}
-            kinds = ", ".join(f"{k} x{v}" for k, v in sorted(ml.get("tc_kinds", {}).items())) or "-"
+            kinds = _tc_kinds(ml)
             loop = f"{ml['tc_instructions']}/{ml['instructions']}" if ml else "no loop"
             lines.append(f"| {r['source']} | `{r['kernel']}` | {r.get('regs')} | {r.get('local')} | "
                          f"{r.get('spill_bytes')} | {r.get('stl')}/{r.get('ldl')} | "
